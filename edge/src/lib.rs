@@ -1,0 +1,9 @@
+//! co2-edge: the Raspberry Pi agent that samples a CO2 sensor, keeps every reading in an on-disk
+//! outbox and publishes it to the co2 broker until the broker confirms it is stored.
+//!
+//! Data flow: [`sensors`] → [`sampler`] (warm-up gate, outlier filter, timestamps) →
+//! [`outbox`] (durable queue on the SD card) → [`publisher`] (MQTT QoS 1, storage acks) →
+//! broker. [`agent`] wires the pieces together and owns shutdown.
+
+pub mod config;
+pub mod sensors;
