@@ -7,3 +7,6 @@
 
 pub mod config;
 pub mod sensors;
+pub mod clock;
+pub mod outbox;
+pub mod reading;
