@@ -161,7 +161,10 @@ pub fn boottime() -> Duration {
     if rc != 0 {
         return Duration::ZERO;
     }
-    Duration::new(ts.tv_sec.max(0) as u64, ts.tv_nsec.clamp(0, 999_999_999) as u32)
+    Duration::new(
+        ts.tv_sec.max(0) as u64,
+        ts.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
 }
 
 /// True when the kernel considers the clock NTP-synchronised (`adjtimex` returns a state other
@@ -231,26 +234,45 @@ mod tests {
         let r = record(false, BOOT_A, 100);
         assert_eq!(resolve(&r, &now(false, 160), HOLD), Stamp::Hold);
         let expected = "2026-11-24T11:59:00Z".parse().unwrap();
-        assert_eq!(resolve(&r, &now(true, 160), HOLD), Stamp::BackFilled(expected));
+        assert_eq!(
+            resolve(&r, &now(true, 160), HOLD),
+            Stamp::BackFilled(expected)
+        );
     }
 
     #[test]
     fn earlier_boot_readings_get_the_best_guess() {
         let r = record(false, BOOT_B, 100);
-        assert_eq!(resolve(&r, &now(true, 20), HOLD), Stamp::BestGuess(r.wall()));
-        assert_eq!(resolve(&r, &now(false, 20), HOLD), Stamp::Hold, "waited 10 s since start");
-        assert_eq!(resolve(&r, &now(false, 610), HOLD), Stamp::BestGuess(r.wall()));
+        assert_eq!(
+            resolve(&r, &now(true, 20), HOLD),
+            Stamp::BestGuess(r.wall())
+        );
+        assert_eq!(
+            resolve(&r, &now(false, 20), HOLD),
+            Stamp::Hold,
+            "waited 10 s since start"
+        );
+        assert_eq!(
+            resolve(&r, &now(false, 610), HOLD),
+            Stamp::BestGuess(r.wall())
+        );
     }
 
     #[test]
     fn held_too_long_is_released() {
         let r = record(false, BOOT_A, 100);
         assert_eq!(resolve(&r, &now(false, 699), HOLD), Stamp::Hold);
-        assert_eq!(resolve(&r, &now(false, 700), HOLD), Stamp::BestGuess(r.wall()));
+        assert_eq!(
+            resolve(&r, &now(false, 700), HOLD),
+            Stamp::BestGuess(r.wall())
+        );
         let unknown_boot = record(false, BootId::default(), 100);
         let mut n = now(true, 200);
         n.boot_id = BootId::default();
-        assert_eq!(resolve(&unknown_boot, &n, HOLD), Stamp::BestGuess(unknown_boot.wall()));
+        assert_eq!(
+            resolve(&unknown_boot, &n, HOLD),
+            Stamp::BestGuess(unknown_boot.wall())
+        );
     }
 
     #[test]
@@ -258,7 +280,10 @@ mod tests {
         assert!(boottime() > Duration::ZERO);
         assert_eq!(
             parse_boot_id("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0\n"),
-            Some([0x0f, 0x1e, 0x2d, 0x3c, 0x4b, 0x5a, 0x69, 0x78, 0x87, 0x96, 0xa5, 0xb4, 0xc3, 0xd2, 0xe1, 0xf0])
+            Some([
+                0x0f, 0x1e, 0x2d, 0x3c, 0x4b, 0x5a, 0x69, 0x78, 0x87, 0x96, 0xa5, 0xb4, 0xc3, 0xd2,
+                0xe1, 0xf0
+            ])
         );
         assert_eq!(parse_boot_id("nope"), None);
         // Whatever the host says, asking must not fail or change anything.

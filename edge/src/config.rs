@@ -399,9 +399,12 @@ pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Settings, Conf
         };
         builder = builder.set_override("mqtt.host", host)?;
         if let Some(port) = port {
-            let port: u16 = port
-                .parse()
-                .map_err(|_| invalid("mqtt.port", format!("--broker port {port:?} is not a number")))?;
+            let port: u16 = port.parse().map_err(|_| {
+                invalid(
+                    "mqtt.port",
+                    format!("--broker port {port:?} is not a number"),
+                )
+            })?;
             builder = builder.set_override("mqtt.port", port)?;
         }
     }
@@ -430,12 +433,14 @@ fn validate(raw: Config) -> Result<Settings, ConfigError> {
         Some(id) => id.clone(),
         None => hostname().ok_or_else(|| invalid("device_id", "not set and no host name found"))?,
     };
-    let device_id = DeviceId::new(id.clone()).map_err(|e| invalid("device_id", format!("{id:?}: {e}")))?;
-    let legacy_offset: FixedOffset = raw
-        .publish
-        .legacy_utc_offset
-        .parse()
-        .map_err(|_| invalid("publish.legacy_utc_offset", "expected an offset like +09:00"))?;
+    let device_id =
+        DeviceId::new(id.clone()).map_err(|e| invalid("device_id", format!("{id:?}: {e}")))?;
+    let legacy_offset: FixedOffset = raw.publish.legacy_utc_offset.parse().map_err(|_| {
+        invalid(
+            "publish.legacy_utc_offset",
+            "expected an offset like +09:00",
+        )
+    })?;
     let s = &raw.sensor;
     if s.interval_ms == 0 {
         return Err(invalid("sensor.interval_ms", "must be > 0"));
@@ -447,11 +452,17 @@ fn validate(raw: Config) -> Result<Settings, ConfigError> {
         return Err(invalid("sensor.min_ppm", "must be below sensor.max_ppm"));
     }
     if s.kind == SensorKind::Command && s.command.program.is_empty() {
-        return Err(invalid("sensor.command.program", "required when sensor.kind = \"command\""));
+        return Err(invalid(
+            "sensor.command.program",
+            "required when sensor.kind = \"command\"",
+        ));
     }
     if let Some(range) = s.mhz19.range_ppm {
         if ![2000, 5000, 10000].contains(&range) {
-            return Err(invalid("sensor.mhz19.range_ppm", "must be 2000, 5000 or 10000"));
+            return Err(invalid(
+                "sensor.mhz19.range_ppm",
+                "must be 2000, 5000 or 10000",
+            ));
         }
     }
     let p = &raw.publish;
@@ -471,11 +482,17 @@ fn validate(raw: Config) -> Result<Settings, ConfigError> {
         return Err(invalid("mqtt.host", "must not be empty"));
     }
     if raw.mqtt.password.is_some() && raw.mqtt.username.is_none() {
-        return Err(invalid("mqtt.username", "required when mqtt.password is set"));
+        return Err(invalid(
+            "mqtt.username",
+            "required when mqtt.password is set",
+        ));
     }
     let tls = &raw.mqtt.tls;
     if tls.client_cert_file.is_some() != tls.client_key_file.is_some() {
-        return Err(invalid("mqtt.tls.client_key_file", "set both client_cert_file and client_key_file, or neither"));
+        return Err(invalid(
+            "mqtt.tls.client_key_file",
+            "set both client_cert_file and client_key_file, or neither",
+        ));
     }
     let o = &raw.outbox;
     if o.max_records == 0 {
@@ -485,7 +502,10 @@ fn validate(raw: Config) -> Result<Settings, ConfigError> {
         return Err(invalid("outbox.segment_records", "must be > 0"));
     }
     if o.fsync_every == 0 {
-        return Err(invalid("outbox.fsync_every", "must be > 0 (1 = fsync every reading)"));
+        return Err(invalid(
+            "outbox.fsync_every",
+            "must be > 0 (1 = fsync every reading)",
+        ));
     }
     Ok(Settings {
         device_id,
@@ -536,17 +556,28 @@ mod tests {
             ..Overrides::default()
         };
         let s = load_text(text, &overrides).unwrap();
-        assert_eq!((s.raw.mqtt.host.as_str(), s.raw.mqtt.port), ("10.0.0.2", 1884));
+        assert_eq!(
+            (s.raw.mqtt.host.as_str(), s.raw.mqtt.port),
+            ("10.0.0.2", 1884)
+        );
         assert_eq!(s.raw.sensor.kind, SensorKind::Simulated);
         assert_eq!(s.interval(), Duration::from_millis(100));
     }
 
     #[test]
     fn errors_name_the_key() {
-        let err = |text: &str| load_text(text, &Overrides::default()).unwrap_err().to_string();
+        let err = |text: &str| {
+            load_text(text, &Overrides::default())
+                .unwrap_err()
+                .to_string()
+        };
         assert!(err("device_id = \"a/b\"").contains("`device_id`"));
-        assert!(err("device_id = \"a\"\n[sensor]\nkind = \"command\"").contains("sensor.command.program"));
-        assert!(err("device_id = \"a\"\n[publish]\nlegacy_utc_offset = \"KST\"").contains("legacy_utc_offset"));
+        assert!(err("device_id = \"a\"\n[sensor]\nkind = \"command\"")
+            .contains("sensor.command.program"));
+        assert!(
+            err("device_id = \"a\"\n[publish]\nlegacy_utc_offset = \"KST\"")
+                .contains("legacy_utc_offset")
+        );
         assert!(err("device_id = \"a\"\n[sensor]\nkind = \"bme680\"").contains("bme680"));
         assert!(err("device_id = \"a\"\ntypo = 1").contains("typo"));
     }

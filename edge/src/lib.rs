@@ -5,8 +5,8 @@
 //! [`outbox`] (durable queue on the SD card) → [`publisher`] (MQTT QoS 1, storage acks) →
 //! broker. [`agent`] wires the pieces together and owns shutdown.
 
-pub mod config;
-pub mod sensors;
 pub mod clock;
+pub mod config;
 pub mod outbox;
 pub mod reading;
+pub mod sensors;

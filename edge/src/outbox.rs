@@ -152,7 +152,10 @@ fn scan(
             return Ok(offset);
         }
         offset += RECORD_LEN;
-        let item = match (crc32fast::hash(&body) == crc).then(|| decode(&body)).flatten() {
+        let item = match (crc32fast::hash(&body) == crc)
+            .then(|| decode(&body))
+            .flatten()
+        {
             Some(record) => ScanItem::Record(offset, record),
             None => ScanItem::Corrupt,
         };
@@ -261,7 +264,10 @@ impl Outbox {
             if path.extension().and_then(|e| e.to_str()) != Some(SEGMENT_EXT) {
                 continue;
             }
-            let first = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse().ok());
+            let first = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.parse().ok());
             if let Some(first) = first {
                 files.push((first, path));
             }
@@ -299,7 +305,10 @@ impl Outbox {
                 tracing::warn!(path = %path.display(), bytes = file_len - valid_end, "outbox: torn tail");
                 if i == last_index {
                     // Cut the torn tail so new records follow valid data.
-                    let f = OpenOptions::new().write(true).open(&path).map_err(at(&path))?;
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .map_err(at(&path))?;
                     f.set_len(valid_end).map_err(at(&path))?;
                     f.sync_all().map_err(at(&path))?;
                 }
@@ -398,13 +407,23 @@ impl Outbox {
             self.start_segment()?;
         }
         let seq = self.next_seq;
-        let bytes = encode(&Record { seq, reading: *reading });
-        let path = self.segments.back().map(|s| s.path.clone()).unwrap_or_default();
+        let bytes = encode(&Record {
+            seq,
+            reading: *reading,
+        });
+        let path = self
+            .segments
+            .back()
+            .map(|s| s.path.clone())
+            .unwrap_or_default();
         let file = match &mut self.active {
             Some(f) => f,
-            None => self
-                .active
-                .insert(OpenOptions::new().append(true).open(&path).map_err(at(&path))?),
+            None => self.active.insert(
+                OpenOptions::new()
+                    .append(true)
+                    .open(&path)
+                    .map_err(at(&path))?,
+            ),
         };
         file.write_all(&bytes).map_err(at(&path))?;
         self.next_seq += 1;
@@ -542,7 +561,10 @@ impl Outbox {
     fn write_cursor_file(&mut self, clean_next_seq: u64) -> Result<(), OutboxError> {
         let path = self.dir.join(CURSOR_FILE);
         let tmp = self.dir.join("cursor.tmp");
-        let text = format!("v1 {} {} {clean_next_seq}\n", self.cursor, self.dropped_total);
+        let text = format!(
+            "v1 {} {} {clean_next_seq}\n",
+            self.cursor, self.dropped_total
+        );
         let mut f = File::create(&tmp).map_err(at(&tmp))?;
         f.write_all(text.as_bytes()).map_err(at(&tmp))?;
         f.sync_all().map_err(at(&tmp))?;
@@ -563,7 +585,9 @@ impl Outbox {
             // Sequential reads (the normal case while draining) continue where the last one
             // stopped; anything else scans the segment from its start.
             let offset = match self.read_hint {
-                Some(hint) if hint.segment == segment.first_seq && hint.next_seq == start => hint.offset,
+                Some(hint) if hint.segment == segment.first_seq && hint.next_seq == start => {
+                    hint.offset
+                }
                 _ => 0,
             };
             let path = &segment.path;
@@ -603,9 +627,7 @@ fn read_cursor(path: &Path) -> Option<(u64, u64, u64)> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), OutboxError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(at(dir))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(at(dir))
 }
 
 #[cfg(test)]
@@ -666,9 +688,15 @@ mod tests {
         let (mut outbox, recovery) = Outbox::open(dir.path(), limits(100, 3)).unwrap();
         assert_eq!(recovery, Recovery::default());
         let first = outbox.next_seq();
-        assert!(first > 1_700_000_000_000, "a fresh outbox starts at Unix ms");
+        assert!(
+            first > 1_700_000_000_000,
+            "a fresh outbox starts at Unix ms"
+        );
         for i in 0..7 {
-            assert_eq!(outbox.append(&reading(400.0 + f64::from(i))).unwrap(), first + i as u64);
+            assert_eq!(
+                outbox.append(&reading(400.0 + f64::from(i))).unwrap(),
+                first + i as u64
+            );
         }
         assert_eq!(outbox.pending_len(), 7);
         assert_eq!(segment_files(dir.path()).len(), 3);
@@ -679,14 +707,27 @@ mod tests {
         assert_eq!(ppms(&next), [404.0, 405.0, 406.0]);
 
         // Out-of-order ack: nothing can be deleted yet, but seq+1 is no longer pending.
-        let removed = outbox.ack(&SeqRanges::from_seqs([first + 1, first + 4])).unwrap();
+        let removed = outbox
+            .ack(&SeqRanges::from_seqs([first + 1, first + 4]))
+            .unwrap();
         assert_eq!(removed, 2);
         assert_eq!(outbox.first_pending(), Some(first));
-        assert_eq!(ppms(&outbox.read_from(0, 10).unwrap()), [400.0, 402.0, 403.0, 405.0, 406.0]);
+        assert_eq!(
+            ppms(&outbox.read_from(0, 10).unwrap()),
+            [400.0, 402.0, 403.0, 405.0, 406.0]
+        );
 
         // Acking the head deletes the first segment; acking garbage changes nothing.
-        assert_eq!(outbox.ack(&SeqRanges::from_seqs([first, first + 2])).unwrap(), 2);
-        assert_eq!(outbox.ack(&SeqRanges::from_seqs([0, 1, u64::MAX])).unwrap(), 0);
+        assert_eq!(
+            outbox
+                .ack(&SeqRanges::from_seqs([first, first + 2]))
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            outbox.ack(&SeqRanges::from_seqs([0, 1, u64::MAX])).unwrap(),
+            0
+        );
         assert_eq!(outbox.first_pending(), Some(first + 3));
         assert_eq!(segment_files(dir.path()).len(), 2);
         assert_eq!(outbox.pending_len(), 3);
@@ -706,13 +747,18 @@ mod tests {
         for i in 0..5 {
             outbox.append(&reading(500.0 + f64::from(i))).unwrap();
         }
-        outbox.ack(&SeqRanges::from_seqs([first, first + 1])).unwrap();
+        outbox
+            .ack(&SeqRanges::from_seqs([first, first + 1]))
+            .unwrap();
         outbox.sync().unwrap();
         drop(outbox); // crash: no close()
 
         let (mut outbox, recovery) = Outbox::open(dir.path(), limits(100, 3)).unwrap();
         assert_eq!(recovery.pending, 3);
-        assert_eq!(ppms(&outbox.read_from(0, 10).unwrap()), [502.0, 503.0, 504.0]);
+        assert_eq!(
+            ppms(&outbox.read_from(0, 10).unwrap()),
+            [502.0, 503.0, 504.0]
+        );
         // Unclean stop: fsync_every (4) seqs are skipped.
         let seq = outbox.append(&reading(600.0)).unwrap();
         assert_eq!(seq, first + 5 + 4);
@@ -725,7 +771,9 @@ mod tests {
         assert_eq!(outbox.append(&reading(601.0)).unwrap(), seq + 1);
         let all = outbox.read_from(0, 10).unwrap();
         assert_eq!(ppms(&all), [502.0, 503.0, 504.0, 600.0, 601.0]);
-        outbox.ack(&SeqRanges::from_seqs(all.iter().map(|r| r.seq))).unwrap();
+        outbox
+            .ack(&SeqRanges::from_seqs(all.iter().map(|r| r.seq)))
+            .unwrap();
         assert_eq!(outbox.pending_len(), 0);
     }
 
@@ -750,7 +798,10 @@ mod tests {
             assert_eq!(ppms(&outbox.read_from(0, 10).unwrap()), [700.0, 701.0]);
             // New records follow the good ones and read back intact.
             outbox.append(&reading(800.0)).unwrap();
-            assert_eq!(ppms(&outbox.read_from(0, 10).unwrap()), [700.0, 701.0, 800.0]);
+            assert_eq!(
+                ppms(&outbox.read_from(0, 10).unwrap()),
+                [700.0, 701.0, 800.0]
+            );
         }
     }
 
@@ -776,7 +827,9 @@ mod tests {
         assert_eq!(ppms(&good), [900.0, 902.0]);
         // The corrupt last record's seq is not handed out again.
         assert!(outbox.append(&reading(1.0)).unwrap() > first + 3);
-        outbox.ack(&SeqRanges::from_seqs(good.iter().map(|r| r.seq))).unwrap();
+        outbox
+            .ack(&SeqRanges::from_seqs(good.iter().map(|r| r.seq)))
+            .unwrap();
         assert_eq!(outbox.pending_len(), 1);
     }
 
@@ -789,8 +842,14 @@ mod tests {
         }
         assert_eq!(outbox.pending_len(), 5);
         assert_eq!(outbox.dropped_total(), 7);
-        assert_eq!(ppms(&outbox.read_from(0, 10).unwrap()), [7.0, 8.0, 9.0, 10.0, 11.0]);
-        assert!(segment_files(dir.path()).len() <= 4, "dropped segments are deleted");
+        assert_eq!(
+            ppms(&outbox.read_from(0, 10).unwrap()),
+            [7.0, 8.0, 9.0, 10.0, 11.0]
+        );
+        assert!(
+            segment_files(dir.path()).len() <= 4,
+            "dropped segments are deleted"
+        );
         outbox.close().unwrap();
         let (outbox, recovery) = Outbox::open(dir.path(), limits(5, 2)).unwrap();
         assert_eq!((recovery.pending, outbox.dropped_total()), (5, 7));

@@ -114,7 +114,11 @@ impl MigrationTrait for Migration {
                     .string_len(64)
                     .not_null(),
             )
-            .col(ColumnDef::new(Co2Emissions::Topic).string_len(255).not_null())
+            .col(
+                ColumnDef::new(Co2Emissions::Topic)
+                    .string_len(255)
+                    .not_null(),
+            )
             .col(timestamp_ms(&mut ColumnDef::new(Co2Emissions::ReceivedAt), backend).not_null())
             .col(ColumnDef::new(Co2Emissions::Seq).big_integer().null())
             .col(ColumnDef::new(Co2Emissions::Temperature).double().null())
@@ -124,9 +128,21 @@ impl MigrationTrait for Migration {
         manager.create_table(readings).await?;
 
         let indexes = [
-            ("ux_co2_emissions_identity", vec![Co2Emissions::DeviceId, Co2Emissions::DedupKey], true),
-            ("ix_co2_emissions_date_time", vec![Co2Emissions::DateTime], false),
-            ("ix_co2_emissions_device_time", vec![Co2Emissions::DeviceId, Co2Emissions::DateTime], false),
+            (
+                "ux_co2_emissions_identity",
+                vec![Co2Emissions::DeviceId, Co2Emissions::DedupKey],
+                true,
+            ),
+            (
+                "ix_co2_emissions_date_time",
+                vec![Co2Emissions::DateTime],
+                false,
+            ),
+            (
+                "ix_co2_emissions_device_time",
+                vec![Co2Emissions::DeviceId, Co2Emissions::DateTime],
+                false,
+            ),
         ];
         for (name, columns, unique) in indexes {
             let mut index = Index::create();
@@ -164,13 +180,24 @@ impl MigrationTrait for Migration {
                     .primary_key(),
             )
             .col(
-                timestamp_ms(&mut ColumnDef::new(RejectedMessages::ReceivedAt), backend)
+                timestamp_ms(&mut ColumnDef::new(RejectedMessages::ReceivedAt), backend).not_null(),
+            )
+            .col(
+                ColumnDef::new(RejectedMessages::Topic)
+                    .string_len(255)
                     .not_null(),
             )
-            .col(ColumnDef::new(RejectedMessages::Topic).string_len(255).not_null())
             .col(ColumnDef::new(RejectedMessages::Payload).text().not_null())
-            .col(ColumnDef::new(RejectedMessages::PayloadBytes).integer().not_null())
-            .col(ColumnDef::new(RejectedMessages::Reason).string_len(255).not_null());
+            .col(
+                ColumnDef::new(RejectedMessages::PayloadBytes)
+                    .integer()
+                    .not_null(),
+            )
+            .col(
+                ColumnDef::new(RejectedMessages::Reason)
+                    .string_len(255)
+                    .not_null(),
+            );
         mysql_table_options(&mut rejected, backend);
         manager.create_table(rejected).await?;
         manager

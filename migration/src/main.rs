@@ -24,9 +24,12 @@ async fn main() -> anyhow::Result<()> {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let db = Database::connect(&url)
-        .await
-        .with_context(|| format!("cannot connect to {}", migration::database_url::masked(&url)))?;
+    let db = Database::connect(&url).await.with_context(|| {
+        format!(
+            "cannot connect to {}",
+            migration::database_url::masked(&url)
+        )
+    })?;
     match command.as_str() {
         "up" => Migrator::up(&db, steps).await?,
         "down" => Migrator::down(&db, steps.or(Some(1))).await?,

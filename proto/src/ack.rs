@@ -31,7 +31,9 @@ impl SeqRanges {
     }
 
     pub fn contains(&self, seq: u64) -> bool {
-        self.0.iter().any(|&(start, end)| (start..=end).contains(&seq))
+        self.0
+            .iter()
+            .any(|&(start, end)| (start..=end).contains(&seq))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -71,7 +73,10 @@ mod tests {
     #[test]
     fn ranges_merge_neighbours_and_keep_gaps() {
         let r = SeqRanges::from_seqs([5, 1, 2, 3, 3, 7, u64::MAX, u64::MAX - 1]);
-        assert_eq!(r.ranges(), &[(1, 3), (5, 5), (7, 7), (u64::MAX - 1, u64::MAX)]);
+        assert_eq!(
+            r.ranges(),
+            &[(1, 3), (5, 5), (7, 7), (u64::MAX - 1, u64::MAX)]
+        );
         assert!(r.contains(2) && r.contains(7) && !r.contains(4) && !r.contains(6));
         assert_eq!(r.len(), 7);
         assert!(SeqRanges::from_seqs([]).is_empty());

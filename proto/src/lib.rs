@@ -10,4 +10,4 @@ pub mod topic;
 
 pub use ack::{SeqRanges, StorageAck};
 pub use payload::{MeasuredAt, Payload, PayloadError};
-pub use topic::{DeviceId, TopicError};
+pub use topic::{DeviceId, TopicError, READINGS_FILTER};

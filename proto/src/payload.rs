@@ -216,9 +216,10 @@ fn parse_legacy(text: &str) -> Result<Payload, PayloadError> {
     let [h, mi, s] = split3(time.trim(), ':').ok_or(PayloadError::Legacy("time is not h:m:s"))?;
     let int = |f: &str| f.trim().parse::<u32>().ok();
     let (secs, nanos) = match s.split_once('.') {
-        Some((whole, frac)) if !frac.is_empty() && frac.len() <= 9 => {
-            (int(whole), int(frac).map(|f| f * 10u32.pow(9 - frac.len() as u32)))
-        }
+        Some((whole, frac)) if !frac.is_empty() && frac.len() <= 9 => (
+            int(whole),
+            int(frac).map(|f| f * 10u32.pow(9 - frac.len() as u32)),
+        ),
         Some(_) => (None, None),
         None => (int(s), Some(0)),
     };
@@ -280,12 +281,30 @@ mod tests {
     #[test]
     fn legacy_payload_errors_say_what_is_wrong() {
         let reason = |b: &[u8]| Payload::parse(b).unwrap_err().to_string();
-        assert_eq!(reason(b"2020-13-1 1:1:1|400"), "legacy payload: no such date");
-        assert_eq!(reason(b"2020-2-30 1:1:1|400"), "legacy payload: no such date");
-        assert_eq!(reason(b"2020-1-1 25:1:1|400"), "legacy payload: no such time of day");
-        assert_eq!(reason(b"2020-1-1|400"), "legacy payload: expected 'Y-M-D h:m:s' before '|'");
-        assert_eq!(reason(b"2020-1 1:1:1|400"), "legacy payload: date is not Y-M-D");
-        assert_eq!(reason(b"2020-1-1 1:1:1|abc"), "value is not a number: \"abc\"");
+        assert_eq!(
+            reason(b"2020-13-1 1:1:1|400"),
+            "legacy payload: no such date"
+        );
+        assert_eq!(
+            reason(b"2020-2-30 1:1:1|400"),
+            "legacy payload: no such date"
+        );
+        assert_eq!(
+            reason(b"2020-1-1 25:1:1|400"),
+            "legacy payload: no such time of day"
+        );
+        assert_eq!(
+            reason(b"2020-1-1|400"),
+            "legacy payload: expected 'Y-M-D h:m:s' before '|'"
+        );
+        assert_eq!(
+            reason(b"2020-1 1:1:1|400"),
+            "legacy payload: date is not Y-M-D"
+        );
+        assert_eq!(
+            reason(b"2020-1-1 1:1:1|abc"),
+            "value is not a number: \"abc\""
+        );
         assert_eq!(reason(b"2020-1-1 1:1:1|NaN"), "value is not finite");
     }
 
@@ -308,8 +327,9 @@ mod tests {
             MeasuredAt::Utc(t + chrono::Duration::milliseconds(250))
         );
 
-        let untimed = Payload::parse(br#"{"value":700.5,"temperature":21.5,"humidity":40,"extra":1}"#)
-            .unwrap();
+        let untimed =
+            Payload::parse(br#"{"value":700.5,"temperature":21.5,"humidity":40,"extra":1}"#)
+                .unwrap();
         assert_eq!(untimed.measured_at, MeasuredAt::Unstated);
         assert_eq!(untimed.temperature_c, Some(21.5));
         assert_eq!(untimed.humidity_pct, Some(40.0));
@@ -318,12 +338,24 @@ mod tests {
     #[test]
     fn json_payload_errors() {
         let err = |b: &[u8]| Payload::parse(b).unwrap_err();
-        assert!(matches!(err(br#"{"ts":"yesterday","value":1}"#), PayloadError::Json(_)));
-        assert!(matches!(err(br#"{"ts":"2026-11-24T10:00:00Z"}"#), PayloadError::Json(_)));
+        assert!(matches!(
+            err(br#"{"ts":"yesterday","value":1}"#),
+            PayloadError::Json(_)
+        ));
+        assert!(matches!(
+            err(br#"{"ts":"2026-11-24T10:00:00Z"}"#),
+            PayloadError::Json(_)
+        ));
         assert!(matches!(err(br#"{"value":"high"}"#), PayloadError::Json(_)));
         assert!(matches!(err(br#"{"value":1"#), PayloadError::Json(_)));
-        assert_eq!(err(br#"{"value":1,"unit":"%"}"#), PayloadError::Unit("%".into()));
-        assert_eq!(err(br#"{"value":1,"ts":1e300}"#), PayloadError::TimestampRange);
+        assert_eq!(
+            err(br#"{"value":1,"unit":"%"}"#),
+            PayloadError::Unit("%".into())
+        );
+        assert_eq!(
+            err(br#"{"value":1,"ts":1e300}"#),
+            PayloadError::TimestampRange
+        );
     }
 
     #[test]
@@ -332,9 +364,15 @@ mod tests {
         assert_eq!((p.co2_ppm, p.measured_at), (612.5, MeasuredAt::Unstated));
         assert_eq!(Payload::parse(b"").unwrap_err(), PayloadError::Empty);
         assert_eq!(Payload::parse(b"  \n").unwrap_err(), PayloadError::Empty);
-        assert_eq!(Payload::parse(&[0xff, 0xfe, 0x31]).unwrap_err(), PayloadError::NotUtf8);
+        assert_eq!(
+            Payload::parse(&[0xff, 0xfe, 0x31]).unwrap_err(),
+            PayloadError::NotUtf8
+        );
         assert_eq!(Payload::parse(b"inf").unwrap_err(), PayloadError::NotFinite);
-        assert!(matches!(Payload::parse(b"hello"), Err(PayloadError::NotANumber(_))));
+        assert!(matches!(
+            Payload::parse(b"hello"),
+            Err(PayloadError::NotANumber(_))
+        ));
     }
 
     #[test]

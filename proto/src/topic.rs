@@ -4,6 +4,8 @@ use std::fmt;
 
 /// Prefix of every topic that carries readings; the broker stores everything under `co2/#`.
 pub const READINGS_PREFIX: &str = "co2/";
+/// The subscription that receives every reading.
+pub const READINGS_FILTER: &str = "co2/#";
 /// Prefix of the storage acknowledgements; deliberately outside `co2/#` so the broker's own
 /// acks never come back to it as readings.
 pub const ACK_PREFIX: &str = "ack/";

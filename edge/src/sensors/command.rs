@@ -64,7 +64,9 @@ impl Source for CommandSource {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .map_err(|e| SensorError::Command(format!("starting {:?}: {e}", self.config.program)))?;
+            .map_err(|e| {
+                SensorError::Command(format!("starting {:?}: {e}", self.config.program))
+            })?;
         let stdout = child
             .stdout
             .take()
@@ -74,7 +76,10 @@ impl Source for CommandSource {
         let (tx, rx) = mpsc::sync_channel(1);
         std::thread::spawn(move || {
             let mut out = String::new();
-            let result = stdout.take(MAX_OUTPUT).read_to_string(&mut out).map(|_| out);
+            let result = stdout
+                .take(MAX_OUTPUT)
+                .read_to_string(&mut out)
+                .map(|_| out);
             // The receiver is gone only if we timed out; nothing left to tell.
             let _ = tx.send(result);
         });
@@ -93,7 +98,10 @@ impl Source for CommandSource {
         };
         let status = child.wait()?;
         if !status.success() {
-            return Err(SensorError::Command(format!("{:?} exited with {status}", self.config.program)));
+            return Err(SensorError::Command(format!(
+                "{:?} exited with {status}",
+                self.config.program
+            )));
         }
         parse_output(&output)
     }
@@ -115,7 +123,10 @@ mod tests {
     fn parses_numbers() {
         assert_eq!(parse_output("612\n").unwrap(), Measurement::co2(612.0));
         let m = parse_output("612.5, 21.25, 40").unwrap();
-        assert_eq!((m.co2_ppm, m.temperature_c, m.humidity_pct), (612.5, Some(21.25), Some(40.0)));
+        assert_eq!(
+            (m.co2_ppm, m.temperature_c, m.humidity_pct),
+            (612.5, Some(21.25), Some(40.0))
+        );
         assert!(parse_output("").is_err());
         assert!(parse_output("high").is_err());
         assert!(parse_output("NaN").is_err());
@@ -123,8 +134,14 @@ mod tests {
 
     #[test]
     fn runs_a_program() {
-        assert_eq!(source("echo", &["733"], 5000).read().unwrap(), Measurement::co2(733.0));
-        assert!(matches!(source("false", &[], 5000).read(), Err(SensorError::Command(_))));
+        assert_eq!(
+            source("echo", &["733"], 5000).read().unwrap(),
+            Measurement::co2(733.0)
+        );
+        assert!(matches!(
+            source("false", &[], 5000).read(),
+            Err(SensorError::Command(_))
+        ));
         assert!(matches!(
             source("/nonexistent/co2", &[], 5000).read(),
             Err(SensorError::Command(_))
@@ -134,7 +151,10 @@ mod tests {
     #[test]
     fn kills_a_hanging_program() {
         let started = std::time::Instant::now();
-        assert!(matches!(source("sleep", &["10"], 200).read(), Err(SensorError::Command(_))));
+        assert!(matches!(
+            source("sleep", &["10"], 200).read(),
+            Err(SensorError::Command(_))
+        ));
         assert!(started.elapsed() < Duration::from_secs(5));
     }
 }

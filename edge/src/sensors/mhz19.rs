@@ -25,7 +25,9 @@ pub fn checksum(frame: &[u8; FRAME_LEN]) -> u8 {
 }
 
 fn command(cmd: u8, data: [u8; 5]) -> [u8; FRAME_LEN] {
-    let mut frame = [0xFF, 0x01, cmd, data[0], data[1], data[2], data[3], data[4], 0];
+    let mut frame = [
+        0xFF, 0x01, cmd, data[0], data[1], data[2], data[3], data[4], 0,
+    ];
     frame[8] = checksum(&frame);
     frame
 }
@@ -181,10 +183,22 @@ mod tests {
     #[test]
     fn request_frames_match_the_datasheet() {
         assert_eq!(read_request().to_vec(), hex("FF 01 86 00 00 00 00 00 79"));
-        assert_eq!(abc_request(true).to_vec(), hex("FF 01 79 A0 00 00 00 00 E6"));
-        assert_eq!(abc_request(false).to_vec(), hex("FF 01 79 00 00 00 00 00 86"));
-        assert_eq!(range_request(2000).to_vec(), hex("FF 01 99 00 00 00 07 D0 8F"));
-        assert_eq!(range_request(5000).to_vec(), hex("FF 01 99 00 00 00 13 88 CB"));
+        assert_eq!(
+            abc_request(true).to_vec(),
+            hex("FF 01 79 A0 00 00 00 00 E6")
+        );
+        assert_eq!(
+            abc_request(false).to_vec(),
+            hex("FF 01 79 00 00 00 00 00 86")
+        );
+        assert_eq!(
+            range_request(2000).to_vec(),
+            hex("FF 01 99 00 00 00 07 D0 8F")
+        );
+        assert_eq!(
+            range_request(5000).to_vec(),
+            hex("FF 01 99 00 00 00 13 88 CB")
+        );
         assert_eq!(checksum(&frame("FF 01 87 00 00 00 00 00 00")), 0x78);
         assert_eq!(checksum(&frame("FF 01 88 07 D0 00 00 00 00")), 0xA0);
     }
@@ -203,7 +217,10 @@ mod tests {
     fn bad_replies_are_rejected() {
         assert!(matches!(
             decode_read_reply(&frame("FF 86 02 60 47 00 00 00 10")),
-            Err(SensorError::BadChecksum { expected: 0xD1, got: 0x10 })
+            Err(SensorError::BadChecksum {
+                expected: 0xD1,
+                got: 0x10
+            })
         ));
         assert!(matches!(
             decode_read_reply(&frame("FE 86 02 60 47 00 00 00 D1")),
@@ -211,7 +228,10 @@ mod tests {
         ));
         assert!(matches!(
             decode_read_reply(&frame("FF 01 86 00 00 00 00 00 79")),
-            Err(SensorError::WrongCommand { expected: 0x86, got: 0x01 })
+            Err(SensorError::WrongCommand {
+                expected: 0x86,
+                got: 0x01
+            })
         ));
     }
 
@@ -254,7 +274,13 @@ mod tests {
             ],
             Mhz19Config::default(),
         );
-        assert!(matches!(s.read(), Err(SensorError::ShortRead { got: 5, expected: 9 })));
+        assert!(matches!(
+            s.read(),
+            Err(SensorError::ShortRead {
+                got: 5,
+                expected: 9
+            })
+        ));
         assert!(matches!(s.read(), Err(SensorError::Timeout)));
     }
 

@@ -93,9 +93,11 @@ pub enum OpenError {
 /// Opens the source the config names, with the real rppal transport for hardware sensors.
 pub fn open(config: &SensorConfig) -> Result<Box<dyn Source>, OpenError> {
     let serial = |baud| {
-        transport::RppalSerial::open(&config.serial.path, baud).map_err(|source| OpenError::Serial {
-            path: config.serial.path.display().to_string(),
-            source,
+        transport::RppalSerial::open(&config.serial.path, baud).map_err(|source| {
+            OpenError::Serial {
+                path: config.serial.path.display().to_string(),
+                source,
+            }
         })
     };
     Ok(match config.kind {

@@ -32,7 +32,11 @@ pub fn crc8(bytes: &[u8]) -> u8 {
     for &b in bytes {
         crc ^= b;
         for _ in 0..8 {
-            crc = if crc & 0x80 != 0 { (crc << 1) ^ 0x31 } else { crc << 1 };
+            crc = if crc & 0x80 != 0 {
+                (crc << 1) ^ 0x31
+            } else {
+                crc << 1
+            };
         }
     }
     crc
@@ -122,11 +126,13 @@ impl<T: I2cTransport> Scd4x<T> {
         self.bus.delay(STOP_EXEC);
         if let Some(offset) = self.config.temperature_offset_c {
             let word = (offset.clamp(0.0, 175.0) * 65535.0 / 175.0) as u16;
-            self.bus.write(&command_with_argument(SET_TEMPERATURE_OFFSET, word))?;
+            self.bus
+                .write(&command_with_argument(SET_TEMPERATURE_OFFSET, word))?;
             self.bus.delay(COMMAND_EXEC);
         }
         if let Some(altitude) = self.config.altitude_m {
-            self.bus.write(&command_with_argument(SET_SENSOR_ALTITUDE, altitude))?;
+            self.bus
+                .write(&command_with_argument(SET_SENSOR_ALTITUDE, altitude))?;
             self.bus.delay(COMMAND_EXEC);
         }
         self.send(START_PERIODIC)?;
@@ -195,10 +201,16 @@ mod tests {
     fn measurement_vectors() {
         let m = measurement_from_words(decode_words(&hex("01 F4 33 66 67 A2 5E B9 3C")).unwrap());
         assert_eq!(m.co2_ppm, 500.0);
-        assert!(approx(m.temperature_c, 25.0) && approx(m.humidity_pct, 37.0), "{m:?}");
+        assert!(
+            approx(m.temperature_c, 25.0) && approx(m.humidity_pct, 37.0),
+            "{m:?}"
+        );
         let m = measurement_from_words(decode_words(&hex("03 E8 D4 62 03 5E 80 00 A2")).unwrap());
         assert_eq!(m.co2_ppm, 1000.0);
-        assert!(approx(m.temperature_c, 22.0) && approx(m.humidity_pct, 50.0), "{m:?}");
+        assert!(
+            approx(m.temperature_c, 22.0) && approx(m.humidity_pct, 50.0),
+            "{m:?}"
+        );
     }
 
     #[test]
@@ -208,17 +220,33 @@ mod tests {
         assert_eq!(serial, 0xF896_9F07_3BBE);
         assert!(matches!(
             decode_words::<3>(&hex("01 F4 34 66 67 A2 5E B9 3C")),
-            Err(SensorError::BadChecksum { expected: 0x33, got: 0x34 })
+            Err(SensorError::BadChecksum {
+                expected: 0x33,
+                got: 0x34
+            })
         ));
-        assert!(matches!(decode_words::<3>(&hex("01 F4 33")), Err(SensorError::ShortRead { .. })));
+        assert!(matches!(
+            decode_words::<3>(&hex("01 F4 33")),
+            Err(SensorError::ShortRead { .. })
+        ));
     }
 
     #[test]
     fn command_vectors() {
-        assert_eq!(command_with_argument(SET_TEMPERATURE_OFFSET, 2022).to_vec(), hex("24 1D 07 E6 48"));
-        assert_eq!(command_with_argument(SET_SENSOR_ALTITUDE, 1950).to_vec(), hex("24 27 07 9E 09"));
-        assert!(is_data_ready(decode_words::<1>(&hex("80 06 04")).unwrap()[0]));
-        assert!(!is_data_ready(decode_words::<1>(&hex("80 00 A2")).unwrap()[0]));
+        assert_eq!(
+            command_with_argument(SET_TEMPERATURE_OFFSET, 2022).to_vec(),
+            hex("24 1D 07 E6 48")
+        );
+        assert_eq!(
+            command_with_argument(SET_SENSOR_ALTITUDE, 1950).to_vec(),
+            hex("24 27 07 9E 09")
+        );
+        assert!(is_data_ready(
+            decode_words::<1>(&hex("80 06 04")).unwrap()[0]
+        ));
+        assert!(!is_data_ready(
+            decode_words::<1>(&hex("80 00 A2")).unwrap()[0]
+        ));
     }
 
     #[test]
@@ -249,8 +277,14 @@ mod tests {
         let mut s = Scd4x::new(ScriptedI2c::new(steps), config);
         assert!(matches!(s.read(), Err(SensorError::NotReady)), "start-up");
         assert!(s.bus.slept >= STOP_EXEC);
-        assert!(matches!(s.read(), Err(SensorError::NotReady)), "no data yet");
-        assert!(matches!(s.read(), Err(SensorError::NotReady)), "first discarded");
+        assert!(
+            matches!(s.read(), Err(SensorError::NotReady)),
+            "no data yet"
+        );
+        assert!(
+            matches!(s.read(), Err(SensorError::NotReady)),
+            "first discarded"
+        );
         assert_eq!(s.read().unwrap().co2_ppm, 500.0);
         assert!(s.bus.steps.is_empty());
     }

@@ -27,7 +27,11 @@ pub fn crc16(bytes: &[u8]) -> u16 {
     for &b in bytes {
         crc ^= u16::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xA001 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xA001
+            } else {
+                crc >> 1
+            };
         }
     }
     crc
@@ -100,13 +104,17 @@ impl<T: SerialTransport> SenseairS8<T> {
             .write_all(&read_input_registers_request(ANY_ADDRESS, start, count))?;
         let expected = EXCEPTION_LEN + 2 * usize::from(count);
         let mut frame = vec![0u8; expected];
-        let got = self.port.read_full(&mut frame[..EXCEPTION_LEN], REPLY_TIMEOUT)?;
+        let got = self
+            .port
+            .read_full(&mut frame[..EXCEPTION_LEN], REPLY_TIMEOUT)?;
         if got == 0 {
             return Err(SensorError::Timeout);
         }
         let is_exception = got == EXCEPTION_LEN && frame[1] & 0x80 != 0;
         let got = if got == EXCEPTION_LEN && !is_exception {
-            got + self.port.read_full(&mut frame[EXCEPTION_LEN..], REPLY_TIMEOUT)?
+            got + self
+                .port
+                .read_full(&mut frame[EXCEPTION_LEN..], REPLY_TIMEOUT)?
         } else {
             got
         };
@@ -162,21 +170,40 @@ mod tests {
     #[test]
     fn crc_check_values() {
         assert_eq!(crc16(b"123456789"), 0x4B37);
-        assert_eq!(crc16(&hex("FE 04 02 01 90 AC D8")), 0, "CRC over a whole frame is 0");
+        assert_eq!(
+            crc16(&hex("FE 04 02 01 90 AC D8")),
+            0,
+            "CRC over a whole frame is 0"
+        );
         assert_eq!(crc16(&hex("FE 84 02 F2 F1")), 0);
     }
 
     #[test]
     fn request_frames_match_known_vectors() {
-        assert_eq!(read_input_registers_request(0xFE, 3, 1).to_vec(), hex("FE 04 00 03 00 01 D5 C5"));
-        assert_eq!(read_input_registers_request(0xFE, 0, 4).to_vec(), hex(STATUS_AND_CO2));
+        assert_eq!(
+            read_input_registers_request(0xFE, 3, 1).to_vec(),
+            hex("FE 04 00 03 00 01 D5 C5")
+        );
+        assert_eq!(
+            read_input_registers_request(0xFE, 0, 4).to_vec(),
+            hex(STATUS_AND_CO2)
+        );
     }
 
     #[test]
     fn register_replies_decode() {
-        assert_eq!(decode_registers_reply(&hex("FE 04 02 01 90 AC D8"), 4).unwrap(), [400]);
-        assert_eq!(decode_registers_reply(&hex("FE 04 02 03 88 AD B2"), 4).unwrap(), [904]);
-        assert_eq!(decode_registers_reply(&hex("FE 03 02 00 B4 AC 27"), 3).unwrap(), [180]);
+        assert_eq!(
+            decode_registers_reply(&hex("FE 04 02 01 90 AC D8"), 4).unwrap(),
+            [400]
+        );
+        assert_eq!(
+            decode_registers_reply(&hex("FE 04 02 03 88 AD B2"), 4).unwrap(),
+            [904]
+        );
+        assert_eq!(
+            decode_registers_reply(&hex("FE 03 02 00 B4 AC 27"), 3).unwrap(),
+            [180]
+        );
         assert!(matches!(
             decode_registers_reply(&hex("FE 84 02 F2 F1"), 4),
             Err(SensorError::ModbusException(2))
@@ -221,7 +248,13 @@ mod tests {
             Step::Expect(hex(STATUS_AND_CO2)),
         ]);
         assert!(matches!(s.read(), Err(SensorError::ModbusException(2))));
-        assert!(matches!(s.read(), Err(SensorError::ShortRead { got: 7, expected: 13 })));
+        assert!(matches!(
+            s.read(),
+            Err(SensorError::ShortRead {
+                got: 7,
+                expected: 13
+            })
+        ));
         assert!(matches!(s.read(), Err(SensorError::BadChecksum { .. })));
         assert!(matches!(s.read(), Err(SensorError::Timeout)));
     }

@@ -64,11 +64,16 @@ impl Simulated {
         let target = self.baseline_ppm + if occupied { OCCUPIED_EXCESS_PPM } else { 0.0 };
         let alpha = 1.0 - (-dt.as_secs_f64() / TIME_CONSTANT_SECS).exp();
         self.co2_ppm += (target - self.co2_ppm) * alpha;
-        let sample = (self.co2_ppm + NOISE_PPM * self.rng.noise()).max(1.0).round();
+        let sample = (self.co2_ppm + NOISE_PPM * self.rng.noise())
+            .max(1.0)
+            .round();
         let (temperature_c, humidity_pct) = if self.with_climate {
             let t = 21.0 + if occupied { 1.5 } else { 0.0 } + 0.2 * self.rng.noise();
             let rh = 40.0 + (self.co2_ppm - self.baseline_ppm) / 100.0 + self.rng.noise();
-            (Some((t * 100.0).round() / 100.0), Some((rh * 10.0).round() / 10.0))
+            (
+                Some((t * 100.0).round() / 100.0),
+                Some((rh * 10.0).round() / 10.0),
+            )
         } else {
             (None, None)
         };
@@ -113,9 +118,15 @@ mod tests {
     fn same_seed_same_curve() {
         let (mut a, mut b) = (sim(7), sim(7));
         for _ in 0..50 {
-            assert_eq!(a.step(Duration::from_secs(60), 10), b.step(Duration::from_secs(60), 10));
+            assert_eq!(
+                a.step(Duration::from_secs(60), 10),
+                b.step(Duration::from_secs(60), 10)
+            );
         }
-        assert_ne!(sim(8).step(Duration::ZERO, 3), sim(7).step(Duration::ZERO, 3));
+        assert_ne!(
+            sim(8).step(Duration::ZERO, 3),
+            sim(7).step(Duration::ZERO, 3)
+        );
     }
 
     #[test]

@@ -50,7 +50,8 @@ impl RppalSerial {
     /// Opens `path` (e.g. `/dev/serial0`, `/dev/ttyUSB0`). `Uart::with_path` does no Pi model
     /// lookup, so this also works with USB adapters and pseudo-terminals.
     pub fn open(path: &Path, baud_rate: u32) -> Result<Self, rppal::uart::Error> {
-        let mut uart = rppal::uart::Uart::with_path(path, baud_rate, rppal::uart::Parity::None, 8, 1)?;
+        let mut uart =
+            rppal::uart::Uart::with_path(path, baud_rate, rppal::uart::Parity::None, 8, 1)?;
         uart.set_read_mode(0, UART_POLL)?;
         uart.set_write_mode(true)?;
         Ok(Self { uart })
@@ -73,7 +74,10 @@ impl SerialTransport for RppalSerial {
         while !bytes.is_empty() {
             let n = self.uart.write(bytes).map_err(uart_io)?;
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::WriteZero, "UART accepted no bytes"));
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "UART accepted no bytes",
+                ));
             }
             bytes = &bytes[n..];
         }
@@ -126,7 +130,10 @@ impl I2cTransport for RppalI2c {
         if n == buf.len() {
             Ok(())
         } else {
-            Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short I2C read"))
+            Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "short I2C read",
+            ))
         }
     }
 

@@ -1,0 +1,119 @@
+//! co2-broker: an MQTT broker (embedded rumqttd) that stores every reading published under
+//! `co2/#` in a database, in one process.
+//!
+//! Data path: MQTT clients → rumqttd router → ingest link ([`ingest::link`]) → classify
+//! ([`ingest::classify`]) → bounded queue → [`storage::Writer`] → database, or the on-disk
+//! spool while the database is away → storage ack on `ack/<device>`.
+
+pub mod ingest;
+pub mod metrics;
+pub mod mqtt;
+pub mod settings;
+pub mod storage;
+pub mod throttle;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::ingest::link::LinkConsumer;
+use crate::ingest::Classifier;
+use crate::metrics::IngestMetrics;
+use crate::mqtt::EmbeddedBroker;
+use crate::settings::Settings;
+use crate::storage::{Database, Spool, Writer};
+use crate::throttle::Throttle;
+
+/// Runs the broker until `shutdown` resolves, then stops accepting connections, stores what
+/// clients already sent, and returns. Tests and `main` share this entry point.
+pub async fn run(
+    settings: Settings,
+    metrics: Arc<IngestMetrics>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let ingest = &settings.ingest;
+    let db = Database::connect(&ingest.database_url, ingest.db_pool_size).await;
+    let db = match db {
+        Ok(db) => db,
+        // Without a schema nothing can be written, so a first start needs the database; a
+        // restart with readings in the spool does not (they wait on disk).
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot connect to {}", ingest.database_url))
+        }
+    };
+    if ingest.run_migrations {
+        db.migrate()
+            .await
+            .with_context(|| format!("cannot migrate {}", ingest.database_url))?;
+    }
+    let (spool, recovery) =
+        tokio::task::block_in_place(|| Spool::open(&ingest.spool_dir(), ingest.spool_max_bytes))
+            .context("cannot open the spool")?;
+    if recovery.records > 0 {
+        tracing::info!(
+            batches = recovery.records,
+            "spool holds batches from an earlier run; replaying them first"
+        );
+    }
+
+    let mut broker = EmbeddedBroker::start(&settings).await?;
+    let listeners: Vec<String> = settings
+        .listeners()
+        .map(|(v, l)| {
+            format!(
+                "{} MQTT {} on {}{}",
+                l.name,
+                if v == 5 { "5" } else { "3.1.1" },
+                l.listen,
+                if l.tls.is_some() { " (TLS)" } else { "" }
+            )
+        })
+        .collect();
+    tracing::info!(
+        listeners = %listeners.join(", "),
+        database = %ingest.database_url,
+        "co2-broker started"
+    );
+
+    let stop = CancellationToken::new();
+    let (records_tx, records_rx) = mpsc::channel(ingest.queue_capacity);
+    let writer = Writer::new(db, spool, broker.acks, metrics.clone(), ingest);
+    let writer = tokio::spawn(writer.run(records_rx, ingest.shutdown_grace()));
+    let consumer = LinkConsumer {
+        link: broker.ingest,
+        classifier: Classifier::new(ingest),
+        out: records_tx,
+        metrics,
+        rejection_log: Throttle::new(Duration::from_secs(10)),
+    };
+    let mut consumer = tokio::spawn(consumer.run(stop.clone(), ingest.shutdown_grace()));
+
+    let outcome = tokio::select! {
+        () = shutdown => {
+            tracing::info!("shutting down: no new connections; storing what clients already sent");
+            Ok(())
+        }
+        e = broker.listeners.failed() => Err(anyhow::Error::new(e)),
+        r = &mut consumer => Err(match r {
+            Ok(Ok(())) => anyhow::anyhow!("ingest link ended"),
+            Ok(Err(e)) => anyhow::Error::new(e),
+            Err(e) => anyhow::Error::new(e).context("ingest link task failed"),
+        }),
+    };
+    broker.listeners.stop_accepting();
+    stop.cancel();
+    if !consumer.is_finished() {
+        match consumer.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "ingest link failed while draining"),
+            Err(e) => tracing::error!(error = %e, "ingest link task failed while draining"),
+        }
+    }
+    writer.await.context("writer task failed")?;
+    tracing::info!("stopped");
+    outcome
+}

@@ -1,0 +1,280 @@
+//! Typed settings: `rumqttd.toml` (rumqttd's own sections plus our `[co2]` section), layered
+//! with `CO2_*` environment variables, validated once at start.
+//!
+//! Every key of `[co2]` can be overridden by the environment variable `CO2_<KEY>` in upper
+//! case, e.g. `CO2_DATABASE_URL` for `database_url` or `CO2_BATCH_MAX_ROWS` for
+//! `batch_max_rows`. An invalid value fails the start with one line that names the key.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono_tz::Tz;
+use serde::Deserialize;
+
+pub use migration::database_url::{
+    masked as masked_url, DEFAULT_CONFIG_PATH, DEFAULT_DATABASE_URL,
+};
+
+/// Most rows one INSERT may carry: 10 bound values a row must stay below SQLite's limit of
+/// 32,766 variables (MySQL allows 65,535).
+pub const MAX_BATCH_ROWS: usize = 3000;
+
+/// Everything the broker needs, loaded and checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// rumqttd's configuration, passed through unchanged (listeners, router, limits).
+    pub mqtt: rumqttd::Config,
+    pub ingest: IngestSettings,
+}
+
+/// The `[co2]` section: storage and ingest. Durations are in milliseconds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestSettings {
+    /// `sqlite://path?mode=rwc` (embedded default) or `mysql://user:password@host/db`.
+    pub database_url: DatabaseUrl,
+    /// Apply pending migrations at start; turn off where schema changes are rolled out by hand.
+    pub run_migrations: bool,
+    /// Where the broker keeps its on-disk spool.
+    pub data_dir: PathBuf,
+    /// IANA zone of the wall-clock times in legacy `Y-M-D h:m:s|value` payloads.
+    pub legacy_timezone: String,
+    /// A batch is written once it holds this many readings...
+    pub batch_max_rows: usize,
+    /// ...or once its first reading has waited this long.
+    pub batch_max_delay_ms: u64,
+    /// Readings parsed but not yet written. When full, the MQTT link waits and rumqttd's
+    /// commit log buffers instead (see `router.max_segment_*`).
+    pub queue_capacity: usize,
+    /// A database write slower than this counts as failed and the batch goes to the spool.
+    pub db_write_timeout_ms: u64,
+    /// How often to retry the database while the spool holds readings.
+    pub db_retry_interval_ms: u64,
+    /// Connections in the database pool.
+    pub db_pool_size: u32,
+    /// Upper bound of the spool on disk; at the bound new batches are refused (and not acked).
+    pub spool_max_bytes: u64,
+    /// Plausible CO2 range in ppm; readings outside are rejected.
+    pub min_co2_ppm: f64,
+    pub max_co2_ppm: f64,
+    /// Readings timestamped further than this into the future are rejected.
+    pub max_future_skew_ms: u64,
+    /// On SIGTERM, how long to keep draining what clients already sent.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        Self {
+            database_url: DatabaseUrl(DEFAULT_DATABASE_URL.into()),
+            run_migrations: true,
+            data_dir: PathBuf::from("data"),
+            legacy_timezone: "UTC".into(),
+            batch_max_rows: 1000,
+            batch_max_delay_ms: 20,
+            queue_capacity: 65_536,
+            db_write_timeout_ms: 5_000,
+            db_retry_interval_ms: 1_000,
+            db_pool_size: 4,
+            spool_max_bytes: 1 << 30,
+            min_co2_ppm: 0.0,
+            max_co2_ppm: 100_000.0,
+            max_future_skew_ms: 24 * 3600 * 1000,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+impl IngestSettings {
+    pub fn batch_max_delay(&self) -> Duration {
+        Duration::from_millis(self.batch_max_delay_ms)
+    }
+    pub fn db_write_timeout(&self) -> Duration {
+        Duration::from_millis(self.db_write_timeout_ms)
+    }
+    pub fn db_retry_interval(&self) -> Duration {
+        Duration::from_millis(self.db_retry_interval_ms)
+    }
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+    pub fn spool_dir(&self) -> PathBuf {
+        self.data_dir.join("spool")
+    }
+    /// The zone, already checked by [`Settings::validate`].
+    pub fn legacy_zone(&self) -> Tz {
+        self.legacy_timezone.parse().unwrap_or(Tz::UTC)
+    }
+}
+
+/// A database URL that never prints its password.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+    /// The full URL, password included: only for connecting.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&masked_url(&self.0))
+    }
+}
+
+impl std::fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&masked_url(&self.0))
+    }
+}
+
+/// A setting that cannot be used, with the key that holds it.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("config {path}: {source}")]
+    Load {
+        path: String,
+        source: config::ConfigError,
+    },
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+impl Settings {
+    /// Loads `path`, applies `CO2_*` from `env`, and validates.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, SettingsError> {
+        let load_err = |source| SettingsError::Load {
+            path: path.display().to_string(),
+            source,
+        };
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml));
+        for (name, value) in env {
+            // CO2_CONFIG names the file itself; it is not a key of [co2].
+            if let Some(key) = name.strip_prefix("CO2_").filter(|k| *k != "CONFIG") {
+                builder = builder
+                    .set_override(format!("co2.{}", key.to_lowercase()), value)
+                    .map_err(load_err)?;
+            }
+        }
+        let layered = builder.build().map_err(load_err)?;
+        let mqtt: rumqttd::Config = layered.clone().try_deserialize().map_err(load_err)?;
+        let ingest = match layered.get::<IngestSettings>("co2") {
+            Ok(ingest) => ingest,
+            Err(config::ConfigError::NotFound(_)) => IngestSettings::default(),
+            Err(e) => return Err(load_err(e)),
+        };
+        let settings = Self { mqtt, ingest };
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what serde cannot: ranges, zones, and rumqttd values that would panic its router.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let i = &self.ingest;
+        i.legacy_timezone.parse::<Tz>().map_err(|_| {
+            invalid(
+                "co2.legacy_timezone",
+                format!("unknown time zone {:?}", i.legacy_timezone),
+            )
+        })?;
+        if !(1..=MAX_BATCH_ROWS).contains(&i.batch_max_rows) {
+            return Err(invalid(
+                "co2.batch_max_rows",
+                format!("must be 1..={MAX_BATCH_ROWS}"),
+            ));
+        }
+        if i.queue_capacity == 0 {
+            return Err(invalid("co2.queue_capacity", "must be at least 1"));
+        }
+        if i.db_pool_size == 0 {
+            return Err(invalid("co2.db_pool_size", "must be at least 1"));
+        }
+        if !(i.min_co2_ppm < i.max_co2_ppm) {
+            return Err(invalid(
+                "co2.max_co2_ppm",
+                "must be greater than co2.min_co2_ppm",
+            ));
+        }
+        let url = i.database_url.expose();
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("mysql://")
+            || url.starts_with("mariadb://"))
+        {
+            return Err(invalid(
+                "co2.database_url",
+                "must start with sqlite:, mysql:// or mariadb://",
+            ));
+        }
+        let router = &self.mqtt.router;
+        if router.max_segment_size < 1024 {
+            return Err(invalid("router.max_segment_size", "must be at least 1024"));
+        }
+        if router.max_segment_count < 1 {
+            return Err(invalid("router.max_segment_count", "must be at least 1"));
+        }
+        if router.max_connections < 2 {
+            return Err(invalid(
+                "router.max_connections",
+                "must be at least 2 (one is the ingest link)",
+            ));
+        }
+        let unsupported = [
+            ("ws", self.mqtt.ws.is_some()),
+            ("console", self.mqtt.console.is_some()),
+            ("prometheus", self.mqtt.prometheus.is_some()),
+            ("bridge", self.mqtt.bridge.is_some()),
+            ("cluster", self.mqtt.cluster.is_some()),
+            ("metrics", self.mqtt.metrics.is_some()),
+        ];
+        if let Some((section, _)) = unsupported.iter().find(|(_, present)| *present) {
+            return Err(invalid(
+                section,
+                "this rumqttd section is not supported by co2-broker; remove it",
+            ));
+        }
+        if self.listeners().next().is_none() {
+            return Err(invalid(
+                "v4",
+                "configure at least one [v4.*] or [v5.*] listener",
+            ));
+        }
+        for (_, listener) in self.listeners() {
+            if let Some(tls) = &listener.tls {
+                if !tls.validate_paths() {
+                    return Err(invalid(
+                        "v4/v5.*.tls",
+                        format!(
+                            "listener {}: a certificate, key or CA file does not exist",
+                            listener.name
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every MQTT listener with its protocol version (4 = MQTT 3.1.1, 5 = MQTT 5).
+    pub fn listeners(&self) -> impl Iterator<Item = (u8, &rumqttd::ServerSettings)> {
+        let v4 = self.mqtt.v4.iter().flat_map(|m| m.values()).map(|s| (4, s));
+        let v5 = self.mqtt.v5.iter().flat_map(|m| m.values()).map(|s| (5, s));
+        v4.chain(v5)
+    }
+}

@@ -1,0 +1,160 @@
+//! The database behind SeaORM: connect, migrate, and write one batch in one transaction.
+//!
+//! Readings are written as one multi-row INSERT that skips rows whose identity
+//! (`device_id`, `dedup_key`) is already stored: `INSERT IGNORE` on MySQL, `ON CONFLICT DO
+//! NOTHING` on SQLite. The affected-row count then tells stored from duplicate.
+
+use std::time::Duration;
+
+use migration::{Migrator, MigratorTrait};
+use sea_orm::sea_query::{OnConflict, Query};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement,
+    TransactionTrait,
+};
+
+use super::entities::{co2_emissions, rejected_messages};
+use crate::ingest::{Batch, Reading, Rejection};
+use crate::settings::DatabaseUrl;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a write did with the readings of a batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteOutcome {
+    pub stored: u64,
+    pub duplicates: u64,
+    pub rejections: u64,
+}
+
+#[derive(Clone)]
+pub struct Database {
+    conn: DatabaseConnection,
+}
+
+impl Database {
+    /// Connects (creating the SQLite file and its directory if needed).
+    pub async fn connect(url: &DatabaseUrl, pool_size: u32) -> Result<Self, DbErr> {
+        if let Some(dir) = migration::database_url::sqlite_parent_dir(url.expose()) {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| DbErr::Custom(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let mut options = ConnectOptions::new(url.expose());
+        options
+            .max_connections(pool_size)
+            .min_connections(1)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .acquire_timeout(CONNECT_TIMEOUT)
+            .sqlx_logging(false);
+        let conn = sea_orm::Database::connect(options).await?;
+        if conn.get_database_backend() == DbBackend::Sqlite {
+            // WAL: readers (dashboards, tests) never block the writer; NORMAL is durable
+            // across process crashes, which is what the spool-less SQLite default needs.
+            conn.execute_unprepared("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
+                .await?;
+        }
+        Ok(Self { conn })
+    }
+
+    pub async fn migrate(&self) -> Result<(), DbErr> {
+        Migrator::up(&self.conn, None).await
+    }
+
+    pub fn connection(&self) -> &DatabaseConnection {
+        &self.conn
+    }
+
+    pub fn backend(&self) -> DbBackend {
+        self.conn.get_database_backend()
+    }
+
+    /// Writes every reading and rejection of `batch` in one transaction.
+    pub async fn write(&self, batch: &Batch) -> Result<WriteOutcome, DbErr> {
+        let txn = self.conn.begin().await?;
+        let stored = match self.insert_readings(&batch.readings) {
+            Some(stmt) => txn.execute_raw(stmt).await?.rows_affected(),
+            None => 0,
+        };
+        if let Some(stmt) = self.insert_rejections(&batch.rejections) {
+            txn.execute_raw(stmt).await?;
+        }
+        txn.commit().await?;
+        Ok(WriteOutcome {
+            stored,
+            duplicates: batch.readings.len() as u64 - stored,
+            rejections: batch.rejections.len() as u64,
+        })
+    }
+
+    fn insert_readings(&self, readings: &[Reading]) -> Option<Statement> {
+        use co2_emissions::Column as C;
+        if readings.is_empty() {
+            return None;
+        }
+        let backend = self.backend();
+        let mut insert = Query::insert();
+        insert.into_table(co2_emissions::Entity).columns([
+            C::DateTime,
+            C::Emissions,
+            C::DeviceId,
+            C::Topic,
+            C::ReceivedAt,
+            C::Seq,
+            C::Temperature,
+            C::Humidity,
+            C::DedupKey,
+        ]);
+        for r in readings {
+            insert.values_panic([
+                r.measured_at.into(),
+                r.co2_ppm.into(),
+                r.device_id.as_str().into(),
+                r.topic.as_str().into(),
+                r.received_at.into(),
+                r.seq.into(),
+                r.temperature_c.into(),
+                r.humidity_pct.into(),
+                r.dedup_key.as_str().into(),
+            ]);
+        }
+        if backend != DbBackend::MySql {
+            insert.on_conflict(
+                OnConflict::columns([C::DeviceId, C::DedupKey])
+                    .do_nothing()
+                    .to_owned(),
+            );
+        }
+        let mut stmt = backend.build(&insert);
+        if backend == DbBackend::MySql {
+            // sea-query has no INSERT IGNORE, and ON DUPLICATE KEY UPDATE would count
+            // duplicates as affected rows (sqlx sets CLIENT_FOUND_ROWS).
+            stmt.sql = stmt.sql.replacen("INSERT INTO", "INSERT IGNORE INTO", 1);
+        }
+        Some(stmt)
+    }
+
+    fn insert_rejections(&self, rejections: &[Rejection]) -> Option<Statement> {
+        use rejected_messages::Column as C;
+        if rejections.is_empty() {
+            return None;
+        }
+        let mut insert = Query::insert();
+        insert.into_table(rejected_messages::Entity).columns([
+            C::ReceivedAt,
+            C::Topic,
+            C::Payload,
+            C::PayloadBytes,
+            C::Reason,
+        ]);
+        for r in rejections {
+            insert.values_panic([
+                r.received_at.into(),
+                r.topic.as_str().into(),
+                r.payload.as_str().into(),
+                (r.payload_bytes as i64).into(),
+                r.reason.as_str().into(),
+            ]);
+        }
+        Some(self.backend().build(&insert))
+    }
+}

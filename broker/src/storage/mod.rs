@@ -1,0 +1,11 @@
+//! Where readings end up: the database (through SeaORM), and the on-disk spool that holds them
+//! while the database is away.
+
+pub mod database;
+pub mod entities;
+pub mod spool;
+pub mod writer;
+
+pub use database::{Database, WriteOutcome};
+pub use spool::{Spool, SpoolError};
+pub use writer::Writer;

@@ -1,0 +1,228 @@
+//! The writer task: batches records, writes them to the database, falls back to the spool,
+//! replays the spool, and acks what is durable.
+//!
+//! Ordering: while the spool holds anything, new batches are appended behind it, so readings
+//! reach the database in the order they were received even across an outage. Replay and new
+//! input alternate, so a long replay never stalls the MQTT side.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use co2_proto::{SeqRanges, StorageAck};
+use tokio::sync::mpsc;
+
+use super::{Database, Spool, SpoolError, WriteOutcome};
+use crate::ingest::{Batch, Record};
+use crate::metrics::IngestMetrics;
+use crate::mqtt::AckPublisher;
+use crate::settings::IngestSettings;
+use crate::throttle::Throttle;
+
+pub struct Writer {
+    db: Database,
+    spool: Spool,
+    acks: AckPublisher,
+    metrics: Arc<IngestMetrics>,
+    max_rows: usize,
+    max_delay: Duration,
+    write_timeout: Duration,
+    retry_interval: Duration,
+    /// Earliest time to try the database again after a failure.
+    next_db_attempt: Instant,
+    db_failure_log: Throttle,
+}
+
+impl Writer {
+    pub fn new(
+        db: Database,
+        spool: Spool,
+        acks: AckPublisher,
+        metrics: Arc<IngestMetrics>,
+        settings: &IngestSettings,
+    ) -> Self {
+        metrics.spool_bytes.store(spool.bytes(), Relaxed);
+        Self {
+            db,
+            spool,
+            acks,
+            metrics,
+            max_rows: settings.batch_max_rows,
+            max_delay: settings.batch_max_delay(),
+            write_timeout: settings.db_write_timeout(),
+            retry_interval: settings.db_retry_interval(),
+            next_db_attempt: Instant::now(),
+            db_failure_log: Throttle::new(Duration::from_secs(10)),
+        }
+    }
+
+    /// Runs until `records` is closed and everything received is written or spooled; then
+    /// replays what it can within `grace`.
+    pub async fn run(mut self, mut records: mpsc::Receiver<Record>, grace: Duration) {
+        let mut buffer = Vec::with_capacity(self.max_rows);
+        loop {
+            let replay_due = !self.spool.is_empty() && Instant::now() >= self.next_db_attempt;
+            let retry_at = tokio::time::Instant::from_std(self.next_db_attempt);
+            // Unbiased: under sustained input, replay still gets its turn.
+            tokio::select! {
+                received = records.recv_many(&mut buffer, self.max_rows) => {
+                    if received == 0 {
+                        break;
+                    }
+                    self.fill(&mut buffer, &mut records).await;
+                    let mut batch = Batch::default();
+                    buffer.drain(..).for_each(|r| batch.push(r));
+                    self.flush(batch).await;
+                }
+                () = std::future::ready(()), if replay_due => {
+                    self.replay_one().await;
+                }
+                () = tokio::time::sleep_until(retry_at), if !self.spool.is_empty() && !replay_due => {}
+            }
+        }
+        let deadline = Instant::now() + grace;
+        while !self.spool.is_empty() && Instant::now() < deadline && self.replay_one().await {}
+        if !self.spool.is_empty() {
+            tracing::warn!(
+                batches = self.spool.pending_records(),
+                "stopping with readings still in the spool; they are replayed at the next start"
+            );
+        }
+    }
+
+    /// Waits up to the batch delay for the batch to fill.
+    async fn fill(&self, buffer: &mut Vec<Record>, records: &mut mpsc::Receiver<Record>) {
+        let deadline = tokio::time::Instant::now() + self.max_delay;
+        while buffer.len() < self.max_rows {
+            let room = self.max_rows - buffer.len();
+            match tokio::time::timeout_at(deadline, records.recv_many(buffer, room)).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    async fn flush(&mut self, batch: Batch) {
+        if self.spool.is_empty() {
+            if let Some(outcome) = self.write_to_database(&batch).await {
+                self.count_written(&batch, outcome, false);
+                self.ack(&batch);
+                return;
+            }
+        }
+        self.spool_batch(batch);
+    }
+
+    /// One database attempt, bounded by the write timeout. `None` means the database is
+    /// failing; the reason has been logged and the next attempt is scheduled.
+    async fn write_to_database(&mut self, batch: &Batch) -> Option<WriteOutcome> {
+        let started = Instant::now();
+        let error = match tokio::time::timeout(self.write_timeout, self.db.write(batch)).await {
+            Ok(Ok(outcome)) => {
+                self.metrics.observe_batch(batch.len(), started.elapsed());
+                if self.metrics.database_up.swap(1, Relaxed) == 0 {
+                    tracing::info!("database is reachable");
+                }
+                return Some(outcome);
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {:?}", self.write_timeout),
+        };
+        self.metrics.database_up.store(0, Relaxed);
+        self.next_db_attempt = Instant::now() + self.retry_interval;
+        if let Some(suppressed) = self.db_failure_log.ready() {
+            tracing::warn!(
+                %error,
+                suppressed,
+                spooled_batches = self.spool.pending_records(),
+                "database write failed; readings go to the spool until it is back"
+            );
+        }
+        None
+    }
+
+    fn spool_batch(&mut self, batch: Batch) {
+        let result = tokio::task::block_in_place(|| self.spool.append(&batch));
+        self.metrics.spool_bytes.store(self.spool.bytes(), Relaxed);
+        match result {
+            Ok(()) => {
+                IngestMetrics::add(&self.metrics.spooled, batch.len());
+                self.ack(&batch);
+            }
+            Err(e) => {
+                IngestMetrics::add(&self.metrics.spool_refused, batch.len());
+                let hint = match e {
+                    SpoolError::Full { .. } => {
+                        "raise co2.spool_max_bytes or bring the database back"
+                    }
+                    _ => "check the disk under co2.data_dir",
+                };
+                tracing::error!(
+                    error = %e,
+                    readings = batch.readings.len(),
+                    rejections = batch.rejections.len(),
+                    hint,
+                    "cannot spool a batch: it is not stored and not acked (agents with an outbox will resend it)"
+                );
+            }
+        }
+    }
+
+    /// Replays the oldest spooled batch. Returns true if it reached the database.
+    async fn replay_one(&mut self) -> bool {
+        let oldest = tokio::task::block_in_place(|| self.spool.oldest());
+        let batch = match oldest {
+            Ok(Some(batch)) => batch,
+            Ok(None) => return false,
+            Err(e) => {
+                // Unreadable although checked at open: skip it rather than block the spool.
+                tracing::error!(error = %e, "skipping an unreadable spool record");
+                let _ = tokio::task::block_in_place(|| self.spool.pop_oldest()); // error logged above already describes the record
+                return true;
+            }
+        };
+        let Some(outcome) = self.write_to_database(&batch).await else {
+            return false;
+        };
+        self.count_written(&batch, outcome, true);
+        if let Err(e) = tokio::task::block_in_place(|| self.spool.pop_oldest()) {
+            tracing::error!(error = %e, "cannot advance the spool; the batch will be replayed again (harmless)");
+            self.next_db_attempt = Instant::now() + self.retry_interval;
+        }
+        self.metrics.spool_bytes.store(self.spool.bytes(), Relaxed);
+        if self.spool.is_empty() {
+            tracing::info!("spool replayed completely");
+        }
+        true
+    }
+
+    fn count_written(&self, batch: &Batch, outcome: WriteOutcome, replayed: bool) {
+        IngestMetrics::add(&self.metrics.stored, outcome.stored as usize);
+        IngestMetrics::add(&self.metrics.duplicates, outcome.duplicates as usize);
+        if replayed {
+            IngestMetrics::add(&self.metrics.replayed, batch.len());
+        }
+    }
+
+    /// Tells each agent which of its readings are now durable (in the database or spool).
+    fn ack(&mut self, batch: &Batch) {
+        let mut by_device: HashMap<&str, Vec<u64>> = HashMap::new();
+        for reading in &batch.readings {
+            if let Some(seq) = reading.seq {
+                by_device
+                    .entry(&reading.device_id)
+                    .or_default()
+                    .push(seq as u64);
+            }
+        }
+        for (device, seqs) in by_device {
+            let ack = StorageAck {
+                stored: SeqRanges::from_seqs(seqs),
+            };
+            if !self.acks.publish(device, &ack) {
+                IngestMetrics::add(&self.metrics.acks_dropped, 1);
+            }
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! Integration tests: the real broker, a real MariaDB (and SQLite), real MQTT clients.
+//! One test binary, so the private MariaDB server starts once for all of them.
+
+mod burst;
+mod ingest;
+mod legacy;
+mod support;

@@ -1,0 +1,207 @@
+//! A private MariaDB server for tests: its own data dir, its own port, never the system one.
+//!
+//! `mariadbd` runs under a tiny `sh` guard that kills it when the test process goes away (its
+//! stdin pipe closes), so no server outlives the tests, even after a panic. If `mariadbd` is
+//! missing the tests fail with instructions: they never skip.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
+
+pub const USER: &str = "co2";
+pub const PASSWORD: &str = "co2-test";
+
+pub struct MariaDb {
+    dir: tempfile::TempDir,
+    port: u16,
+    guard: Option<Child>,
+}
+
+static SHARED: OnceLock<MariaDb> = OnceLock::new();
+static NEXT_DATABASE: AtomicU32 = AtomicU32::new(0);
+
+fn find_program(name: &str) -> PathBuf {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"])
+        .map(|dir| Path::new(dir).join(name))
+        .find(|p| p.is_file());
+    found.unwrap_or_else(|| {
+            panic!(
+                "{name} not found: the MySQL tests need a MariaDB server binary. \
+                 Run ./scripts/test (it installs mariadb-server) or `apt-get install -y mariadb-server`."
+            )
+        })
+}
+
+fn current_user() -> String {
+    let out = Command::new("id")
+        .arg("-un")
+        .output()
+        .expect("`id -un` runs");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+impl MariaDb {
+    /// The server shared by every test of this process (each test gets its own database).
+    pub fn shared() -> &'static MariaDb {
+        SHARED.get_or_init(MariaDb::start)
+    }
+
+    /// A server of one's own, for tests that kill it.
+    pub fn start() -> MariaDb {
+        let dir = tempfile::Builder::new()
+            .prefix("co2-mariadb-")
+            .tempdir()
+            .expect("temp dir for MariaDB");
+        let install = Command::new(find_program("mariadb-install-db"))
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", dir.path().join("data").display()))
+            .arg("--auth-root-authentication-method=normal")
+            .arg("--skip-test-db")
+            .arg(format!("--user={}", current_user()))
+            .output()
+            .expect("mariadb-install-db runs");
+        assert!(
+            install.status.success(),
+            "mariadb-install-db failed: {}",
+            String::from_utf8_lossy(&install.stderr)
+        );
+        std::fs::write(
+            dir.path().join("init.sql"),
+            format!(
+                "CREATE USER IF NOT EXISTS '{USER}'@'127.0.0.1' IDENTIFIED BY '{PASSWORD}';\n\
+                 GRANT ALL ON *.* TO '{USER}'@'127.0.0.1';\n"
+            ),
+        )
+        .expect("init.sql");
+        let mut server = MariaDb {
+            dir,
+            port: super::free_port(),
+            guard: None,
+        };
+        server.launch();
+        server
+    }
+
+    fn launch(&mut self) {
+        let d = self.dir.path();
+        let guard = Command::new("sh")
+            .arg("-c")
+            .arg(r#""$@" & server=$!; read _; kill -9 $server"#)
+            .arg("mariadb-guard")
+            .arg(find_program("mariadbd"))
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", d.join("data").display()))
+            .arg(format!("--port={}", self.port))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--socket={}", d.join("mysqld.sock").display()))
+            .arg(format!("--pid-file={}", d.join("mysqld.pid").display()))
+            .arg(format!("--log-error={}", d.join("error.log").display()))
+            .arg(format!("--init-file={}", d.join("init.sql").display()))
+            .arg(format!("--user={}", current_user()))
+            .arg("--skip-log-bin")
+            .arg("--innodb-buffer-pool-size=256M")
+            .arg("--max-connections=500")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mariadbd starts");
+        self.guard = Some(guard);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "MariaDB did not start; see {}",
+                d.join("error.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `mysql://co2:…@127.0.0.1:<port>/<database>`
+    pub fn url(&self, database: &str) -> String {
+        format!(
+            "mysql://{USER}:{PASSWORD}@127.0.0.1:{}/{database}",
+            self.port
+        )
+    }
+
+    /// Creates a fresh, empty database and returns its URL.
+    pub async fn create_database(&self, prefix: &str) -> String {
+        let name = format!(
+            "{prefix}_{}_{}",
+            std::process::id(),
+            NEXT_DATABASE.fetch_add(1, Ordering::Relaxed)
+        );
+        let admin = self.connect("").await;
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE `{name}` CHARACTER SET utf8mb4"))
+            .await
+            .expect("CREATE DATABASE");
+        self.url(&name)
+    }
+
+    /// Connects, retrying while the server is still starting up.
+    pub async fn connect(&self, database: &str) -> DatabaseConnection {
+        let mut last_error = None;
+        for _ in 0..100 {
+            match Database::connect(self.url(database)).await {
+                Ok(db) => return db,
+                Err(e) => last_error = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("cannot connect to the test MariaDB: {last_error:?}");
+    }
+
+    /// SIGKILLs the server, as a crash or an OOM kill would.
+    pub fn kill(&mut self) {
+        let pid = std::fs::read_to_string(self.dir.path().join("mysqld.pid")).expect("pid file");
+        let status = Command::new("kill")
+            .arg("-9")
+            .arg(pid.trim())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -9 mariadbd");
+        self.release_guard();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the server again on the same data dir and port (crash recovery included).
+    pub fn restart(&mut self) {
+        assert!(self.guard.is_none(), "restart after kill");
+        self.launch();
+    }
+}
+
+impl MariaDb {
+    /// Closing the guard's stdin makes it SIGKILL its server (if still alive) and exit.
+    fn release_guard(&mut self) {
+        if let Some(mut guard) = self.guard.take() {
+            if let Some(mut stdin) = guard.stdin.take() {
+                let _ = stdin.write_all(b"\n"); // the pipe may already be closed; the guard then exits anyway
+            }
+            let _ = guard.wait(); // reaping only
+        }
+    }
+}
+
+impl Drop for MariaDb {
+    fn drop(&mut self) {
+        self.release_guard();
+    }
+}

@@ -1,0 +1,94 @@
+//! Real MQTT clients (rumqttc) over TCP.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+
+/// Waits until an MQTT CONNECT to `addr` is answered.
+pub async fn wait_until_accepting(addr: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut options = MqttOptions::new("probe", addr.ip().to_string(), addr.port());
+        options.set_keep_alive(Duration::from_secs(5));
+        let (client, mut events) = AsyncClient::new(options, 10);
+        let connected = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => return true,
+                    Ok(_) => continue,
+                    Err(_) => return false,
+                }
+            }
+        })
+        .await
+        .unwrap_or(false);
+        if connected {
+            let _ = client.disconnect().await; // probe only
+            let _ = tokio::time::timeout(Duration::from_millis(200), events.poll()).await;
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "broker at {addr} never accepted an MQTT connection"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Publishes every message at `qos` from one connection and returns once all are acked
+/// (PUBACK for QoS 1, immediately after sending for QoS 0).
+pub async fn publish_all(
+    addr: SocketAddr,
+    client_id: String,
+    qos: QoS,
+    messages: impl IntoIterator<Item = (String, Vec<u8>)> + Send + 'static,
+) {
+    let mut options = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut events) = AsyncClient::new(options, 1000);
+    let messages: Vec<_> = messages.into_iter().collect();
+    let expected = messages.len();
+    let publisher = tokio::spawn(async move {
+        for (topic, payload) in messages {
+            client
+                .publish(topic, qos, false, payload)
+                .await
+                .expect("queue publish");
+        }
+        client
+    });
+    let mut done = 0usize;
+    while done < expected {
+        match events.poll().await.expect("MQTT connection stays up") {
+            Event::Incoming(Packet::PubAck(_)) if qos == QoS::AtLeastOnce => done += 1,
+            Event::Outgoing(Outgoing::Publish(_)) if qos == QoS::AtMostOnce => done += 1,
+            _ => {}
+        }
+    }
+    let client = publisher.await.expect("publisher task");
+    client.disconnect().await.expect("queue disconnect");
+    // Drive the event loop until the DISCONNECT is on the wire.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                _ => {}
+            }
+        }
+    })
+    .await;
+}
+
+/// Publishes one message at QoS 1 with a short-lived client.
+pub async fn publish_one(addr: SocketAddr, topic: &str, payload: impl Into<Vec<u8>>) {
+    let id = format!("one-{}", super::free_port());
+    publish_all(
+        addr,
+        id,
+        QoS::AtLeastOnce,
+        vec![(topic.to_owned(), payload.into())],
+    )
+    .await;
+}
