@@ -10,3 +10,7 @@ pub mod config;
 pub mod outbox;
 pub mod reading;
 pub mod sensors;
+pub mod filter;
+pub mod publisher;
+pub mod sampler;
+pub mod shutdown;
