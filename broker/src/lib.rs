@@ -5,6 +5,7 @@
 //! ([`ingest::classify`]) → bounded queue → [`storage::Writer`] → database, or the on-disk
 //! spool while the database is away → storage ack on `ack/<device>`.
 
+pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod mqtt;
@@ -25,6 +26,7 @@ use crate::ingest::Classifier;
 use crate::metrics::IngestMetrics;
 use crate::mqtt::EmbeddedBroker;
 use crate::settings::Settings;
+use crate::storage::database::is_unreachable;
 use crate::storage::{Database, Spool, Writer};
 use crate::throttle::Throttle;
 
@@ -36,19 +38,23 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let ingest = &settings.ingest;
-    let db = Database::connect(&ingest.database_url, ingest.db_pool_size).await;
-    let db = match db {
-        Ok(db) => db,
-        // Without a schema nothing can be written, so a first start needs the database; a
-        // restart with readings in the spool does not (they wait on disk).
-        Err(e) => {
-            return Err(e).with_context(|| format!("cannot connect to {}", ingest.database_url))
-        }
-    };
+    let db = Database::connect(&ingest.database_url, ingest.db_pool_size)
+        .await
+        .with_context(|| format!("cannot use database {}", ingest.database_url))?;
+    let mut schema_pending = false;
     if ingest.run_migrations {
-        db.migrate()
-            .await
-            .with_context(|| format!("cannot migrate {}", ingest.database_url))?;
+        match db.migrate().await {
+            Ok(()) => {}
+            // Down at start: come up anyway and spool; the writer migrates once it is back.
+            // Anything else (credentials, permissions, SQL) needs the operator now.
+            Err(e) if is_unreachable(&e) => {
+                tracing::warn!(error = %e, database = %ingest.database_url, "database unreachable at start; readings go to the spool until it is back");
+                schema_pending = true;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot migrate {}", ingest.database_url))
+            }
+        }
     }
     let (spool, recovery) =
         tokio::task::block_in_place(|| Spool::open(&ingest.spool_dir(), ingest.spool_max_bytes))
@@ -73,15 +79,32 @@ pub async fn run(
             )
         })
         .collect();
-    tracing::info!(
-        listeners = %listeners.join(", "),
-        database = %ingest.database_url,
-        "co2-broker started"
-    );
 
     let stop = CancellationToken::new();
+    let http = match ingest.http_addr() {
+        Some(addr) => {
+            let health = Arc::new(http::Health {
+                metrics: metrics.clone(),
+                spool_max_bytes: ingest.spool_max_bytes,
+            });
+            let task = http::serve(addr, health, stop.clone())
+                .await
+                .with_context(|| {
+                    format!("metrics endpoint cannot listen on {addr} (co2.http_listen)")
+                })?;
+            Some(task)
+        }
+        None => None,
+    };
     let (records_tx, records_rx) = mpsc::channel(ingest.queue_capacity);
-    let writer = Writer::new(db, spool, broker.acks, metrics.clone(), ingest);
+    let writer = Writer::new(
+        db,
+        spool,
+        broker.acks,
+        metrics.clone(),
+        ingest,
+        schema_pending,
+    );
     let writer = tokio::spawn(writer.run(records_rx, ingest.shutdown_grace()));
     let consumer = LinkConsumer {
         link: broker.ingest,
@@ -91,6 +114,12 @@ pub async fn run(
         rejection_log: Throttle::new(Duration::from_secs(10)),
     };
     let mut consumer = tokio::spawn(consumer.run(stop.clone(), ingest.shutdown_grace()));
+    tracing::info!(
+        listeners = %listeners.join(", "),
+        database = %ingest.database_url,
+        metrics = %ingest.http_addr().map_or("off".into(), |a| format!("http://{a}/metrics")),
+        "co2-broker started"
+    );
 
     let outcome = tokio::select! {
         () = shutdown => {
@@ -114,6 +143,9 @@ pub async fn run(
         }
     }
     writer.await.context("writer task failed")?;
+    if let Some(http) = http {
+        let _ = http.await; // it ends with the stop token; a panic there changes nothing now
+    }
     tracing::info!("stopped");
     outcome
 }

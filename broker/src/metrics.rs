@@ -27,6 +27,8 @@ pub struct IngestMetrics {
     pub spool_refused: AtomicU64,
     /// Bytes in the spool now.
     pub spool_bytes: AtomicU64,
+    /// Batches in the spool now.
+    pub spool_batches: AtomicU64,
     /// 1 while the last database write succeeded.
     pub database_up: AtomicU64,
     /// Batches committed to the database.

@@ -61,6 +61,8 @@ pub struct IngestSettings {
     pub max_future_skew_ms: u64,
     /// On SIGTERM, how long to keep draining what clients already sent.
     pub shutdown_grace_ms: u64,
+    /// Address of the `/metrics`, `/healthz` and `/readyz` endpoint; empty turns it off.
+    pub http_listen: String,
 }
 
 impl Default for IngestSettings {
@@ -81,6 +83,7 @@ impl Default for IngestSettings {
             max_co2_ppm: 100_000.0,
             max_future_skew_ms: 24 * 3600 * 1000,
             shutdown_grace_ms: 10_000,
+            http_listen: "127.0.0.1:9883".into(),
         }
     }
 }
@@ -97,6 +100,10 @@ impl IngestSettings {
     }
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
+    }
+    /// The metrics endpoint's address, already checked by [`Settings::validate`].
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http_listen.parse().ok()
     }
     pub fn spool_dir(&self) -> PathBuf {
         self.data_dir.join("spool")
@@ -210,6 +217,15 @@ impl Settings {
             return Err(invalid(
                 "co2.max_co2_ppm",
                 "must be greater than co2.min_co2_ppm",
+            ));
+        }
+        if !i.http_listen.is_empty() && i.http_listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "co2.http_listen",
+                format!(
+                    "{:?} is not an address like 127.0.0.1:9883 (empty turns it off)",
+                    i.http_listen
+                ),
             ));
         }
         let url = i.database_url.expose();

@@ -9,7 +9,7 @@ use std::time::Duration;
 use migration::{Migrator, MigratorTrait};
 use sea_orm::sea_query::{OnConflict, Query};
 use sea_orm::{
-    ConnectOptions, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement,
+    ConnectOptions, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, RuntimeErr, Statement,
     TransactionTrait,
 };
 
@@ -18,6 +18,26 @@ use crate::ingest::{Batch, Reading, Rejection};
 use crate::settings::DatabaseUrl;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// True when `error` means the database cannot be reached (down, restarting, network), as
+/// opposed to refusing what was asked (bad credentials, SQL errors).
+pub fn is_unreachable(error: &DbErr) -> bool {
+    use sea_orm::sqlx::Error as Sqlx;
+    match error {
+        DbErr::ConnectionAcquire(_) => true,
+        DbErr::Conn(RuntimeErr::SqlxError(e))
+        | DbErr::Exec(RuntimeErr::SqlxError(e))
+        | DbErr::Query(RuntimeErr::SqlxError(e)) => matches!(
+            e.as_ref(),
+            Sqlx::Io(_)
+                | Sqlx::PoolTimedOut
+                | Sqlx::PoolClosed
+                | Sqlx::WorkerCrashed
+                | Sqlx::Protocol(_)
+        ),
+        _ => false,
+    }
+}
 
 /// What a write did with the readings of a batch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -33,7 +53,8 @@ pub struct Database {
 }
 
 impl Database {
-    /// Connects (creating the SQLite file and its directory if needed).
+    /// Prepares the pool without connecting yet (creating the SQLite file's directory): a
+    /// broker must come up and spool even when the database is down at start.
     pub async fn connect(url: &DatabaseUrl, pool_size: u32) -> Result<Self, DbErr> {
         if let Some(dir) = migration::database_url::sqlite_parent_dir(url.expose()) {
             std::fs::create_dir_all(&dir)
@@ -42,17 +63,18 @@ impl Database {
         let mut options = ConnectOptions::new(url.expose());
         options
             .max_connections(pool_size)
-            .min_connections(1)
+            .min_connections(0)
             .connect_timeout(CONNECT_TIMEOUT)
             .acquire_timeout(CONNECT_TIMEOUT)
-            .sqlx_logging(false);
+            .connect_lazy(true)
+            .sqlx_logging(false)
+            // WAL: readers (dashboards, tests) never block the writer; NORMAL stays durable
+            // across process crashes and fsyncs only at checkpoints.
+            .map_sqlx_sqlite_opts(|o| {
+                o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+                    .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
+            });
         let conn = sea_orm::Database::connect(options).await?;
-        if conn.get_database_backend() == DbBackend::Sqlite {
-            // WAL: readers (dashboards, tests) never block the writer; NORMAL is durable
-            // across process crashes, which is what the spool-less SQLite default needs.
-            conn.execute_unprepared("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
-                .await?;
-        }
         Ok(Self { conn })
     }
 

@@ -31,6 +31,9 @@ pub struct Writer {
     retry_interval: Duration,
     /// Earliest time to try the database again after a failure.
     next_db_attempt: Instant,
+    /// Migrations could not run at start (database unreachable): run them before the first
+    /// write that reaches it.
+    schema_pending: bool,
     db_failure_log: Throttle,
 }
 
@@ -41,8 +44,12 @@ impl Writer {
         acks: AckPublisher,
         metrics: Arc<IngestMetrics>,
         settings: &IngestSettings,
+        schema_pending: bool,
     ) -> Self {
         metrics.spool_bytes.store(spool.bytes(), Relaxed);
+        metrics
+            .spool_batches
+            .store(spool.pending_records(), Relaxed);
         Self {
             db,
             spool,
@@ -53,6 +60,7 @@ impl Writer {
             write_timeout: settings.db_write_timeout(),
             retry_interval: settings.db_retry_interval(),
             next_db_attempt: Instant::now(),
+            schema_pending,
             db_failure_log: Throttle::new(Duration::from_secs(10)),
         }
     }
@@ -118,8 +126,17 @@ impl Writer {
     /// failing; the reason has been logged and the next attempt is scheduled.
     async fn write_to_database(&mut self, batch: &Batch) -> Option<WriteOutcome> {
         let started = Instant::now();
-        let error = match tokio::time::timeout(self.write_timeout, self.db.write(batch)).await {
+        let (db, schema_pending) = (&self.db, self.schema_pending);
+        let attempt = async {
+            if schema_pending {
+                db.migrate().await?;
+                tracing::info!("database reachable again; schema migrated");
+            }
+            db.write(batch).await
+        };
+        let error = match tokio::time::timeout(self.write_timeout, attempt).await {
             Ok(Ok(outcome)) => {
+                self.schema_pending = false;
                 self.metrics.observe_batch(batch.len(), started.elapsed());
                 if self.metrics.database_up.swap(1, Relaxed) == 0 {
                     tracing::info!("database is reachable");
@@ -144,7 +161,7 @@ impl Writer {
 
     fn spool_batch(&mut self, batch: Batch) {
         let result = tokio::task::block_in_place(|| self.spool.append(&batch));
-        self.metrics.spool_bytes.store(self.spool.bytes(), Relaxed);
+        self.publish_spool_size();
         match result {
             Ok(()) => {
                 IngestMetrics::add(&self.metrics.spooled, batch.len());
@@ -190,11 +207,18 @@ impl Writer {
             tracing::error!(error = %e, "cannot advance the spool; the batch will be replayed again (harmless)");
             self.next_db_attempt = Instant::now() + self.retry_interval;
         }
-        self.metrics.spool_bytes.store(self.spool.bytes(), Relaxed);
+        self.publish_spool_size();
         if self.spool.is_empty() {
             tracing::info!("spool replayed completely");
         }
         true
+    }
+
+    fn publish_spool_size(&self) {
+        self.metrics.spool_bytes.store(self.spool.bytes(), Relaxed);
+        self.metrics
+            .spool_batches
+            .store(self.spool.pending_records(), Relaxed);
     }
 
     fn count_written(&self, batch: &Batch, outcome: WriteOutcome, replayed: bool) {

@@ -15,6 +15,8 @@ use tokio::sync::oneshot;
 pub struct BrokerSetup {
     pub v4: SocketAddr,
     pub v5: SocketAddr,
+    /// The `/metrics` endpoint.
+    pub http: SocketAddr,
     pub data_dir: PathBuf,
     pub config_path: PathBuf,
 }
@@ -23,6 +25,7 @@ pub struct BrokerSetup {
 pub fn config_file(dir: &Path, database_url: &str, extra_co2: &str) -> BrokerSetup {
     let v4: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
     let v5: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
+    let http: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
     let data_dir = dir.join("data");
     let config = format!(
         r#"id = 0
@@ -54,6 +57,7 @@ max_inflight_count = 100
 database_url = "{database_url}"
 data_dir = "{data_dir}"
 db_retry_interval_ms = 200
+http_listen = "{http}"
 {extra_co2}
 "#,
         data_dir = data_dir.display()
@@ -63,6 +67,7 @@ db_retry_interval_ms = 200
     BrokerSetup {
         v4,
         v5,
+        http,
         data_dir,
         config_path,
     }
@@ -130,6 +135,7 @@ fn empty_setup() -> BrokerSetup {
     BrokerSetup {
         v4: "127.0.0.1:0".parse().unwrap(),
         v5: "127.0.0.1:0".parse().unwrap(),
+        http: "127.0.0.1:0".parse().unwrap(),
         data_dir: PathBuf::new(),
         config_path: PathBuf::new(),
     }
@@ -193,4 +199,18 @@ impl Drop for BrokerProcess {
         let _ = self.child.kill(); // already gone when terminate/kill ran
         let _ = self.child.wait();
     }
+}
+
+/// Fetches `/metrics` and returns the value of the sample named `name` (no labels).
+pub async fn scrape(http: SocketAddr, name: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(http).await.ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await
+        .ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.ok()?;
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }

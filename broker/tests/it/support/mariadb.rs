@@ -126,10 +126,6 @@ impl MariaDb {
         }
     }
 
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
     /// `mysql://co2:…@127.0.0.1:<port>/<database>`
     pub fn url(&self, database: &str) -> String {
         format!(

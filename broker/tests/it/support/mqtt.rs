@@ -61,7 +61,9 @@ pub async fn publish_all(
     });
     let mut done = 0usize;
     while done < expected {
-        match events.poll().await.expect("MQTT connection stays up") {
+        match events.poll().await.unwrap_or_else(|e| {
+            panic!("MQTT connection to {addr} ({done} of {expected} acked) failed: {e:?}")
+        }) {
             Event::Incoming(Packet::PubAck(_)) if qos == QoS::AtLeastOnce => done += 1,
             Event::Outgoing(Outgoing::Publish(_)) if qos == QoS::AtMostOnce => done += 1,
             _ => {}

@@ -1,0 +1,377 @@
+//! Real faults, injected for real: the database SIGKILLed mid-stream, the broker SIGTERMed or
+//! SIGKILLed with readings in its spool, a corrupt spool tail, bad payloads among good ones.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use co2_broker::ingest::Batch;
+use rumqttc::QoS;
+use sea_orm::{ConnectionTrait, Statement};
+
+use crate::support::broker::{config_file, scrape, BrokerProcess, BrokerSetup, TestBroker};
+use crate::support::mariadb::MariaDb;
+use crate::support::{db, eventually, mqtt};
+
+/// `n` JSON readings of `device` with sequence numbers `first..first+n`.
+fn readings(device: &str, first: u64, n: u64) -> Vec<(String, Vec<u8>)> {
+    (first..first + n)
+        .map(|seq| {
+            let payload = format!(
+                r#"{{"ts":{},"value":{},"seq":{seq}}}"#,
+                1_763_978_400_000 + seq * 1000,
+                400 + seq % 600
+            );
+            (format!("co2/{device}"), payload.into_bytes())
+        })
+        .collect()
+}
+
+/// Distinct (device, seq) pairs stored, and the total row count.
+async fn stored_identities(url: &str) -> (usize, u64) {
+    let conn = db::connect(url).await;
+    let rows = db::readings(&conn).await;
+    let distinct: HashSet<_> = rows.iter().map(|r| (r.device_id.clone(), r.seq)).collect();
+    (distinct.len(), rows.len() as u64)
+}
+
+async fn wait_for_rows(url: &str, expected: u64, timeout: Duration) {
+    let conn = db::connect(url).await;
+    eventually(timeout, &format!("{expected} rows"), || async {
+        (db::reading_count(&conn).await == expected).then_some(())
+    })
+    .await;
+}
+
+async fn wait_for_metric(setup: &BrokerSetup, name: &str, expected: f64) {
+    eventually(
+        Duration::from_secs(30),
+        &format!("{name} = {expected}"),
+        || async { (scrape(setup.http, name).await == Some(expected)).then_some(()) },
+    )
+    .await;
+}
+
+fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> impl std::future::Future<Output = T> {
+    async move { tokio::task::spawn_blocking(f).await.expect("blocking task") }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_sigkilled_mid_stream_loses_nothing() {
+    let mut mariadb = MariaDb::start();
+    let url = mariadb.create_database("dbkill").await;
+    let broker = TestBroker::start(&url).await;
+    let addr = broker.setup.v4;
+    const N: u64 = 6_000;
+
+    mqtt::publish_all(
+        addr,
+        "pi-kill-1".into(),
+        QoS::AtLeastOnce,
+        readings("pi-kill", 0, N / 3),
+    )
+    .await;
+    mariadb = blocking(move || {
+        mariadb.kill();
+        mariadb
+    })
+    .await;
+    mqtt::publish_all(
+        addr,
+        "pi-kill-2".into(),
+        QoS::AtLeastOnce,
+        readings("pi-kill", N / 3, N / 3),
+    )
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "readings spooled while the database is dead",
+        || async { (broker.metrics.spooled.load(Relaxed) > 0).then_some(()) },
+    )
+    .await;
+    mariadb = blocking(move || {
+        mariadb.restart();
+        mariadb
+    })
+    .await;
+    mqtt::publish_all(
+        addr,
+        "pi-kill-3".into(),
+        QoS::AtLeastOnce,
+        readings("pi-kill", 2 * N / 3, N - 2 * N / 3),
+    )
+    .await;
+
+    wait_for_rows(&url, N, Duration::from_secs(60)).await;
+    assert_eq!(stored_identities(&url).await, (N as usize, N));
+    let m = &broker.metrics;
+    assert!(m.replayed.load(Relaxed) > 0, "the spool was replayed");
+    assert_eq!(m.spool_refused.load(Relaxed), 0);
+    broker.stop().await;
+    drop(mariadb);
+}
+
+/// The broker stops (gracefully or not) while its spool holds readings and the database is
+/// down; the next start replays them.
+async fn broker_restart_replays_the_spool(graceful: bool) {
+    let mut mariadb = MariaDb::start();
+    let url = mariadb.create_database("restart").await;
+    let dir = tempfile::tempdir().unwrap();
+    let setup = config_file(dir.path(), &url, "batch_max_rows = 100");
+    let broker = BrokerProcess::spawn(&setup).await;
+    const N: u64 = 3_000;
+    mqtt::publish_all(
+        setup.v4,
+        "pi-r-1".into(),
+        QoS::AtLeastOnce,
+        readings("pi-r", 0, 500),
+    )
+    .await;
+    wait_for_rows(&url, 500, Duration::from_secs(30)).await;
+
+    mariadb = blocking(move || {
+        mariadb.kill();
+        mariadb
+    })
+    .await;
+    mqtt::publish_all(
+        setup.v4,
+        "pi-r-2".into(),
+        QoS::AtLeastOnce,
+        readings("pi-r", 500, N - 500),
+    )
+    .await;
+    // Everything after the kill is in the spool (and acked) before the broker goes down.
+    wait_for_metric(&setup, "co2_spooled_total", (N - 500) as f64).await;
+
+    if graceful {
+        let (code, log) = broker.terminate();
+        assert_eq!(code, Some(0), "SIGTERM exits 0; log:\n{log}");
+        // Restart while the database is still down: the broker must come up and keep spooling.
+        let broker = BrokerProcess::spawn(&setup).await;
+        mqtt::publish_all(
+            setup.v4,
+            "pi-r-3".into(),
+            QoS::AtLeastOnce,
+            readings("pi-r", N, 100),
+        )
+        .await;
+        wait_for_metric(&setup, "co2_spooled_total", 100.0).await;
+        mariadb = blocking(move || {
+            mariadb.restart();
+            mariadb
+        })
+        .await;
+        wait_for_rows(&url, N + 100, Duration::from_secs(60)).await;
+        assert_eq!(stored_identities(&url).await, (N as usize + 100, N + 100));
+        let log = broker.terminate().1;
+        assert!(log.contains("database unreachable at start"), "{log}");
+        assert!(
+            log.contains("spool holds batches from an earlier run"),
+            "{log}"
+        );
+    } else {
+        let _ = broker.kill();
+        mariadb = blocking(move || {
+            mariadb.restart();
+            mariadb
+        })
+        .await;
+        let broker = BrokerProcess::spawn(&setup).await;
+        wait_for_rows(&url, N, Duration::from_secs(60)).await;
+        assert_eq!(stored_identities(&url).await, (N as usize, N));
+        let log = broker.terminate().1;
+        assert!(
+            log.contains("spool holds batches from an earlier run"),
+            "{log}"
+        );
+    }
+    drop(mariadb);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_sigterm_with_a_full_spool_then_restart_stores_everything_once() {
+    broker_restart_replays_the_spool(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_sigkill_with_a_full_spool_then_restart_stores_everything_once() {
+    broker_restart_replays_the_spool(false).await;
+}
+
+/// Counts the readings of every record in the spool's segments, oldest first.
+fn spool_records(spool_dir: &std::path::Path) -> Vec<(std::path::PathBuf, u64, usize)> {
+    let mut segments: Vec<_> = std::fs::read_dir(spool_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segments.sort();
+    let mut records = Vec::new();
+    for segment in segments {
+        let bytes = std::fs::read(&segment).unwrap();
+        let mut offset = 0usize;
+        while offset + 8 <= bytes.len() {
+            let len = u32::from_le_bytes(bytes[offset..offset + 4].try_into().unwrap()) as usize;
+            let body = &bytes[offset + 8..offset + 8 + len];
+            let batch: Batch = serde_json::from_slice(body).unwrap();
+            records.push((segment.clone(), offset as u64, batch.readings.len()));
+            offset += 8 + len;
+        }
+    }
+    records
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_spool_tail_is_skipped_with_a_warning_and_the_rest_stored() {
+    let mut mariadb = MariaDb::start();
+    let url = mariadb.create_database("corrupt").await;
+    let dir = tempfile::tempdir().unwrap();
+    let setup = config_file(
+        dir.path(),
+        &url,
+        "batch_max_rows = 50\nbatch_max_delay_ms = 5",
+    );
+    let broker = BrokerProcess::spawn(&setup).await;
+    mariadb = blocking(move || {
+        mariadb.kill();
+        mariadb
+    })
+    .await;
+    const N: u64 = 1_000;
+    for chunk in 0..10 {
+        mqtt::publish_all(
+            setup.v4,
+            format!("pi-c-{chunk}"),
+            QoS::AtLeastOnce,
+            readings("pi-c", chunk * 100, 100),
+        )
+        .await;
+    }
+    wait_for_metric(&setup, "co2_spooled_total", N as f64).await;
+    let (code, _) = broker.terminate();
+    assert_eq!(code, Some(0));
+
+    let records = spool_records(&setup.data_dir.join("spool"));
+    assert!(records.len() >= 2, "several batches spooled: {records:?}");
+    let (segment, offset, lost) = records.last().cloned().unwrap();
+    // Flip a byte inside the last record's body, as a bad sector or torn write would.
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes[offset as usize + 12] ^= 0x55;
+    std::fs::write(&segment, bytes).unwrap();
+
+    mariadb = blocking(move || {
+        mariadb.restart();
+        mariadb
+    })
+    .await;
+    let broker = BrokerProcess::spawn(&setup).await;
+    let expected = N - lost as u64;
+    wait_for_rows(&url, expected, Duration::from_secs(60)).await;
+    let log = broker.terminate().1;
+    assert!(log.contains("torn or corrupt record"), "{log}");
+    assert_eq!(stored_identities(&url).await, (expected as usize, expected));
+    drop(mariadb);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_payloads_are_rejected_and_good_ones_in_the_same_batch_stored() {
+    let url = MariaDb::shared().create_database("mixed").await;
+    let broker = TestBroker::start(&url).await;
+    let bad: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "co2/mix",
+            b"{\"value\":".to_vec(),
+            "JSON payload: EOF while parsing a value at line 1 column 9",
+        ),
+        (
+            "co2/mix",
+            b"-3".to_vec(),
+            "CO2 value -3 outside 0..=100000 ppm",
+        ),
+        ("co2/mix", vec![0xc3, 0x28, 0x31], "payload is not UTF-8"),
+        (
+            "co2//nodevice",
+            b"500".to_vec(),
+            "topic has no device id after co2/",
+        ),
+        (
+            "co2/mix",
+            b"2020-13-40 1:1:1|400".to_vec(),
+            "legacy payload: no such date",
+        ),
+        (
+            "co2/mix",
+            br#"{"value":500,"unit":"%"}"#.to_vec(),
+            "unit \"%\" is not supported (only ppm)",
+        ),
+    ];
+    let mut messages = Vec::new();
+    for round in 0..50u64 {
+        messages.extend(readings("mix", round * 4, 4));
+        for (topic, payload, _) in &bad {
+            messages.push((topic.to_string(), payload.clone()));
+        }
+    }
+    mqtt::publish_all(broker.setup.v4, "mixer".into(), QoS::AtLeastOnce, messages).await;
+    wait_for_rows(&url, 200, Duration::from_secs(30)).await;
+    let conn = db::connect(&url).await;
+    let rejected = eventually(Duration::from_secs(10), "300 rejections", || async {
+        let r = db::rejections(&conn).await;
+        (r.len() == 300).then_some(r)
+    })
+    .await;
+    for (topic, payload, reason) in &bad {
+        let matching = rejected
+            .iter()
+            .filter(|r| r.reason == *reason)
+            .collect::<Vec<_>>();
+        assert_eq!(matching.len(), 50, "reason {reason:?}");
+        assert_eq!(matching[0].topic, *topic);
+        assert_eq!(matching[0].payload_bytes as usize, payload.len());
+    }
+    let per_batch = conn
+        .query_all_raw(Statement::from_string(
+            conn.get_database_backend(),
+            "SELECT COUNT(*) FROM co2_emissions WHERE device_id = 'mix'",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(per_batch.len(), 1);
+    assert_eq!(broker.metrics.rejected.load(Relaxed), 300);
+    assert_eq!(broker.metrics.stored.load(Relaxed), 200);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivered_readings_are_stored_once() {
+    let url = MariaDb::shared().create_database("dedup").await;
+    let broker = TestBroker::start(&url).await;
+    let batch = readings("pi-dup", 0, 300);
+    // An agent that crashed before seeing its acks sends everything again, twice.
+    for attempt in 0..3 {
+        mqtt::publish_all(
+            broker.setup.v4,
+            format!("pi-dup-{attempt}"),
+            QoS::AtLeastOnce,
+            batch.clone(),
+        )
+        .await;
+    }
+    mqtt::publish_one(broker.setup.v4, "co2/pi-dup", "2020-7-13 22:43:23|500").await;
+    mqtt::publish_one(broker.setup.v4, "co2/pi-dup", "2020-7-13 22:43:23|500").await;
+    eventually(
+        Duration::from_secs(30),
+        "all 902 messages processed",
+        || async {
+            let m = &broker.metrics;
+            (m.stored.load(Relaxed) + m.duplicates.load(Relaxed) == 902).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(broker.metrics.stored.load(Relaxed), 301);
+    assert_eq!(broker.metrics.duplicates.load(Relaxed), 601);
+    assert_eq!(stored_identities(&url).await.1, 301);
+    broker.stop().await;
+}
