@@ -111,6 +111,15 @@ pub struct SystemClock {
 
 impl SystemClock {
     pub fn new(config: ClockConfig) -> Self {
+        if config.require_ntp_sync {
+            match ntp_sync_state() {
+                Ok(synced) => tracing::info!(ntp_synchronised = synced, "clock"),
+                Err(e) => tracing::warn!(
+                    "cannot ask the kernel for the NTP state (adjtimex: {e}); the clock counts as \
+                     unsynchronised (is adjtimex blocked by a seccomp filter?)"
+                ),
+            }
+        }
         Self {
             boot_id: read_boot_id(),
             config,
@@ -170,10 +179,19 @@ pub fn boottime() -> Duration {
 /// True when the kernel considers the clock NTP-synchronised (`adjtimex` returns a state other
 /// than `TIME_ERROR` and `STA_UNSYNC` is clear). Read-only: `modes = 0` changes nothing.
 pub fn kernel_ntp_synchronised() -> bool {
+    ntp_sync_state().unwrap_or(false)
+}
+
+/// Like [`kernel_ntp_synchronised`], but says when the kernel refused to answer (a seccomp
+/// filter such as systemd's `ProtectClock=` blocks `adjtimex` entirely).
+pub fn ntp_sync_state() -> std::io::Result<bool> {
     // SAFETY: an all-zero timex is a valid argument; with modes = 0 adjtimex only reads.
     let mut tx: libc::timex = unsafe { std::mem::zeroed() };
     let state = unsafe { libc::adjtimex(&mut tx) };
-    state >= 0 && state != libc::TIME_ERROR && tx.status & libc::STA_UNSYNC == 0
+    if state < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(state != libc::TIME_ERROR && tx.status & libc::STA_UNSYNC == 0)
 }
 
 /// Reads the boot id; all zero (never equal to a real one) when unavailable.

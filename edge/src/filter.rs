@@ -89,9 +89,14 @@ mod tests {
         let mut f = SampleFilter::new(Duration::from_secs(180), 1.0, 10_000.0, 1);
         assert_eq!(
             f.apply(Measurement::co2(555.0), Duration::from_secs(60)),
-            Verdict::WarmingUp { remaining: Duration::from_secs(120) }
+            Verdict::WarmingUp {
+                remaining: Duration::from_secs(120)
+            }
         );
-        assert_eq!(accepted(f.apply(Measurement::co2(555.0), Duration::from_secs(180))), 555.0);
+        assert_eq!(
+            accepted(f.apply(Measurement::co2(555.0), Duration::from_secs(180))),
+            555.0
+        );
     }
 
     #[test]
@@ -106,9 +111,18 @@ mod tests {
     #[test]
     fn implausible_values_are_refused_and_climate_passes_through() {
         let mut f = SampleFilter::new(Duration::ZERO, 300.0, 5000.0, 3);
-        assert_eq!(f.apply(Measurement::co2(0.0), UP), Verdict::Implausible(0.0));
-        assert_eq!(f.apply(Measurement::co2(6000.0), UP), Verdict::Implausible(6000.0));
-        assert!(matches!(f.apply(Measurement::co2(f64::NAN), UP), Verdict::Implausible(_)));
+        assert_eq!(
+            f.apply(Measurement::co2(0.0), UP),
+            Verdict::Implausible(0.0)
+        );
+        assert_eq!(
+            f.apply(Measurement::co2(6000.0), UP),
+            Verdict::Implausible(6000.0)
+        );
+        assert!(matches!(
+            f.apply(Measurement::co2(f64::NAN), UP),
+            Verdict::Implausible(_)
+        ));
         let m = Measurement {
             co2_ppm: 500.0,
             temperature_c: Some(21.0),

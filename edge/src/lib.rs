@@ -5,12 +5,15 @@
 //! [`outbox`] (durable queue on the SD card) → [`publisher`] (MQTT QoS 1, storage acks) →
 //! broker. [`agent`] wires the pieces together and owns shutdown.
 
+pub mod agent;
+pub mod cli;
 pub mod clock;
 pub mod config;
-pub mod outbox;
-pub mod reading;
-pub mod sensors;
+pub mod connection;
 pub mod filter;
+pub mod outbox;
 pub mod publisher;
+pub mod reading;
 pub mod sampler;
+pub mod sensors;
 pub mod shutdown;

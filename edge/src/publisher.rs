@@ -134,7 +134,11 @@ impl Delivery {
     }
 
     /// A storage ack from the broker; returns how many readings left the outbox.
-    pub fn on_storage_ack(&mut self, ack: &StorageAck, outbox: &mut Outbox) -> Result<u64, OutboxError> {
+    pub fn on_storage_ack(
+        &mut self,
+        ack: &StorageAck,
+        outbox: &mut Outbox,
+    ) -> Result<u64, OutboxError> {
         self.in_flight.retain(|seq, _| !ack.stored.contains(*seq));
         outbox.ack(&ack.stored)
     }
@@ -193,7 +197,10 @@ impl Delivery {
         self.refill(now);
         let mut sent = 0;
         while self.connected {
-            let room = self.config.max_in_flight.saturating_sub(self.in_flight.len());
+            let room = self
+                .config
+                .max_in_flight
+                .saturating_sub(self.in_flight.len());
             let budget = room.min(self.tokens.floor() as usize);
             if budget == 0 {
                 break;
@@ -230,7 +237,8 @@ impl Delivery {
                         );
                     }
                 }
-                let payload = format_payload(&record, time, self.config.format, self.config.legacy_offset);
+                let payload =
+                    format_payload(&record, time, self.config.format, self.config.legacy_offset);
                 if sink.try_publish(payload).is_err() {
                     return Ok(sent);
                 }
@@ -353,7 +361,10 @@ mod tests {
             format_payload(&record, time, PayloadFormat::Json, offset),
             r#"{"ts":"2026-11-24T23:05:07.250Z","value":612.0,"unit":"ppm","seq":9,"temperature":21.5,"humidity":40.0}"#
         );
-        assert_eq!(format_payload(&record, time, PayloadFormat::Legacy, offset), "2026-11-25 8:5:7|612.0");
+        assert_eq!(
+            format_payload(&record, time, PayloadFormat::Legacy, offset),
+            "2026-11-25 8:5:7|612.0"
+        );
     }
 
     #[test]
@@ -362,9 +373,19 @@ mod tests {
         let start = Instant::now();
         let mut d = Delivery::new(config(PayloadFormat::Json), start);
         let mut sink = Recorder::default();
-        assert_eq!(d.pump(start, &clock_now(true), &mut outbox, &mut sink).unwrap(), 0, "offline");
+        assert_eq!(
+            d.pump(start, &clock_now(true), &mut outbox, &mut sink)
+                .unwrap(),
+            0,
+            "offline"
+        );
         d.on_connected();
-        assert_eq!(d.pump(start, &clock_now(true), &mut outbox, &mut sink).unwrap(), 4, "window");
+        assert_eq!(
+            d.pump(start, &clock_now(true), &mut outbox, &mut sink)
+                .unwrap(),
+            4,
+            "window"
+        );
         assert_eq!(sink.seqs(), (first..first + 4).collect::<Vec<_>>());
         // A PUBACK proves nothing in JSON mode.
         d.on_outgoing_publish(1);
@@ -377,7 +398,11 @@ mod tests {
         assert_eq!(d.on_storage_ack(&ack, &mut outbox).unwrap(), 2);
         assert_eq!(outbox.pending_len(), 4);
         let later = start + Duration::from_secs(1);
-        assert_eq!(d.pump(later, &clock_now(true), &mut outbox, &mut sink).unwrap(), 2);
+        assert_eq!(
+            d.pump(later, &clock_now(true), &mut outbox, &mut sink)
+                .unwrap(),
+            2
+        );
         assert_eq!(sink.seqs()[4..], [first + 4, first + 5]);
     }
 
@@ -388,19 +413,39 @@ mod tests {
         let mut d = Delivery::new(config(PayloadFormat::Json), t0);
         let mut sink = Recorder::default();
         d.on_connected();
-        d.pump(t0, &clock_now(true), &mut outbox, &mut sink).unwrap();
-        d.on_storage_ack(&StorageAck { stored: SeqRanges::from_seqs([first + 1]) }, &mut outbox)
+        d.pump(t0, &clock_now(true), &mut outbox, &mut sink)
             .unwrap();
+        d.on_storage_ack(
+            &StorageAck {
+                stored: SeqRanges::from_seqs([first + 1]),
+            },
+            &mut outbox,
+        )
+        .unwrap();
         d.on_disconnected();
         let t1 = t0 + Duration::from_secs(2);
-        assert_eq!(d.pump(t1, &clock_now(true), &mut outbox, &mut sink).unwrap(), 0);
+        assert_eq!(
+            d.pump(t1, &clock_now(true), &mut outbox, &mut sink)
+                .unwrap(),
+            0
+        );
         d.on_connected();
-        d.pump(t1, &clock_now(true), &mut outbox, &mut sink).unwrap();
+        d.pump(t1, &clock_now(true), &mut outbox, &mut sink)
+            .unwrap();
         assert_eq!(sink.seqs(), [first, first + 1, first + 2, first, first + 2]);
 
         assert_eq!(d.check_ack_timeout(t1 + Duration::from_secs(29)), None);
-        assert_eq!(d.check_ack_timeout(t1 + Duration::from_secs(30)), Some(first));
-        d.pump(t1 + Duration::from_secs(30), &clock_now(true), &mut outbox, &mut sink).unwrap();
+        assert_eq!(
+            d.check_ack_timeout(t1 + Duration::from_secs(30)),
+            Some(first)
+        );
+        d.pump(
+            t1 + Duration::from_secs(30),
+            &clock_now(true),
+            &mut outbox,
+            &mut sink,
+        )
+        .unwrap();
         assert_eq!(sink.seqs()[5..], [first, first + 2]);
     }
 
@@ -415,17 +460,38 @@ mod tests {
         d.tokens = 0.0;
         let mut sink = Recorder::default();
         d.on_connected();
-        assert_eq!(d.pump(t0, &clock_now(true), &mut outbox, &mut sink).unwrap(), 0);
+        assert_eq!(
+            d.pump(t0, &clock_now(true), &mut outbox, &mut sink)
+                .unwrap(),
+            0
+        );
         let t1 = t0 + Duration::from_secs(2);
-        assert_eq!(d.pump(t1, &clock_now(true), &mut outbox, &mut sink).unwrap(), 10);
+        assert_eq!(
+            d.pump(t1, &clock_now(true), &mut outbox, &mut sink)
+                .unwrap(),
+            10
+        );
         sink.capacity = Some(12);
         let t2 = t1 + Duration::from_secs(1);
-        assert_eq!(d.pump(t2, &clock_now(true), &mut outbox, &mut sink).unwrap(), 2, "sink full");
+        assert_eq!(
+            d.pump(t2, &clock_now(true), &mut outbox, &mut sink)
+                .unwrap(),
+            2,
+            "sink full"
+        );
         sink.capacity = None;
         let t3 = t2 + Duration::from_millis(10);
-        assert_eq!(d.pump(t3, &clock_now(true), &mut outbox, &mut sink).unwrap(), 3, "tokens left");
+        assert_eq!(
+            d.pump(t3, &clock_now(true), &mut outbox, &mut sink)
+                .unwrap(),
+            3,
+            "tokens left"
+        );
         let seqs = sink.seqs();
-        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "in order, no gaps: {seqs:?}");
+        assert!(
+            seqs.windows(2).all(|w| w[1] == w[0] + 1),
+            "in order, no gaps: {seqs:?}"
+        );
     }
 
     #[test]
@@ -435,8 +501,17 @@ mod tests {
         let mut d = Delivery::new(config(PayloadFormat::Json), t0);
         let mut sink = Recorder::default();
         d.on_connected();
-        assert_eq!(d.pump(t0, &clock_now(false), &mut outbox, &mut sink).unwrap(), 0, "held");
-        assert_eq!(d.pump(t0, &clock_now(true), &mut outbox, &mut sink).unwrap(), 2);
+        assert_eq!(
+            d.pump(t0, &clock_now(false), &mut outbox, &mut sink)
+                .unwrap(),
+            0,
+            "held"
+        );
+        assert_eq!(
+            d.pump(t0, &clock_now(true), &mut outbox, &mut sink)
+                .unwrap(),
+            2
+        );
         let p = Payload::parse(sink.payloads[0].as_bytes()).unwrap();
         // Measured at boottime 100 s, now is boottime 160 s at WALL + 60 s: back-filled to WALL.
         let expected = DateTime::from_timestamp_millis(WALL_MS).unwrap();
@@ -450,7 +525,11 @@ mod tests {
         let mut d = Delivery::new(config(PayloadFormat::Legacy), t0);
         let mut sink = Recorder::default();
         d.on_connected();
-        assert_eq!(d.pump(t0, &clock_now(true), &mut outbox, &mut sink).unwrap(), 3);
+        assert_eq!(
+            d.pump(t0, &clock_now(true), &mut outbox, &mut sink)
+                .unwrap(),
+            3
+        );
         assert!(sink.payloads[0].ends_with("|400.0"), "{:?}", sink.payloads);
         d.on_outgoing_publish(7);
         d.on_outgoing_publish(8);
@@ -458,8 +537,15 @@ mod tests {
         assert_eq!(d.on_puback(8, &mut outbox).unwrap(), 1);
         assert_eq!(d.on_puback(8, &mut outbox).unwrap(), 0, "duplicate PUBACK");
         assert_eq!(outbox.pending_len(), 2);
-        assert_eq!(d.check_ack_timeout(t0 + Duration::from_secs(3600)), None, "no storage acks");
-        assert_eq!(d.on_puback(7, &mut outbox).unwrap() + d.on_puback(9, &mut outbox).unwrap(), 2);
+        assert_eq!(
+            d.check_ack_timeout(t0 + Duration::from_secs(3600)),
+            None,
+            "no storage acks"
+        );
+        assert_eq!(
+            d.on_puback(7, &mut outbox).unwrap() + d.on_puback(9, &mut outbox).unwrap(),
+            2
+        );
         assert_eq!(outbox.pending_len(), 0);
     }
 }

@@ -25,7 +25,11 @@ impl FailureLog {
     fn failed(&mut self, source: &str, error: &SensorError) {
         self.consecutive += 1;
         if self.consecutive == 1 || self.consecutive % Self::EVERY == 0 {
-            tracing::warn!(source, consecutive = self.consecutive, "sensor read failed: {error}");
+            tracing::warn!(
+                source,
+                consecutive = self.consecutive,
+                "sensor read failed: {error}"
+            );
         }
     }
 
@@ -94,7 +98,11 @@ pub async fn run(
             Verdict::Accept(m) => m,
             Verdict::WarmingUp { remaining } => {
                 if !warming_logged {
-                    tracing::info!(source = name, ?remaining, "sensor warming up; discarding readings");
+                    tracing::info!(
+                        source = name,
+                        ?remaining,
+                        "sensor warming up; discarding readings"
+                    );
                     warming_logged = true;
                 }
                 continue;
