@@ -448,7 +448,7 @@ fn validate(raw: Config) -> Result<Settings, ConfigError> {
     if s.median_window == 0 || s.median_window > 99 {
         return Err(invalid("sensor.median_window", "must be 1..=99"));
     }
-    if !(s.min_ppm < s.max_ppm) {
+    if !s.min_ppm.is_finite() || !s.max_ppm.is_finite() || s.min_ppm >= s.max_ppm {
         return Err(invalid("sensor.min_ppm", "must be below sensor.max_ppm"));
     }
     if s.kind == SensorKind::Command && s.command.program.is_empty() {
@@ -469,7 +469,7 @@ fn validate(raw: Config) -> Result<Settings, ConfigError> {
     if p.max_in_flight == 0 || p.max_in_flight > 1000 {
         return Err(invalid("publish.max_in_flight", "must be 1..=1000"));
     }
-    if !(p.max_rate_per_sec > 0.0) {
+    if !p.max_rate_per_sec.is_finite() || p.max_rate_per_sec <= 0.0 {
         return Err(invalid("publish.max_rate_per_sec", "must be > 0"));
     }
     if p.ack_timeout_secs == 0 {
