@@ -2,6 +2,7 @@
 //! One test binary, so the private MariaDB server starts once for all of them.
 
 mod burst;
+mod config;
 mod faults;
 mod ingest;
 mod legacy;
