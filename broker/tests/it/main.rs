@@ -4,6 +4,7 @@
 mod burst;
 mod config;
 mod faults;
+mod grafana;
 mod ingest;
 mod legacy;
 mod support;
