@@ -79,10 +79,10 @@ fn interpolate_variables(sql: &str, scope: &Scope) -> Result<String, String> {
                 .find("]]")
                 .ok_or_else(|| format!("unterminated [[ in {sql:?}"))?;
             (Some(&bracketed[..end]), end + 4)
-        } else if rest.starts_with('$') {
-            let name_len = rest[1..].find(|c| !is_word(c)).unwrap_or(rest.len() - 1);
-            let name = &rest[1..1 + name_len];
-            if name.is_empty() || rest[1 + name_len..].starts_with('(') {
+        } else if let Some(after) = rest.strip_prefix('$') {
+            let name_len = after.find(|c| !is_word(c)).unwrap_or(after.len());
+            let name = &after[..name_len];
+            if name.is_empty() || after[name_len..].starts_with('(') {
                 // A lone `$`, or a macro call: the plugin's business (step 3).
                 (None, 1 + name_len)
             } else {
