@@ -24,7 +24,7 @@ const SUBACK_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
     #[error("cannot attach the ingest link to the router: {0}")]
-    Link(#[from] rumqttd::local::LinkError),
+    Link(#[from] Box<rumqttd::local::LinkError>),
     #[error("the router did not confirm the co2/# subscription")]
     NoSubAck,
     #[error("listener {name} cannot listen on {addr}: {source}")]
@@ -50,8 +50,10 @@ impl EmbeddedBroker {
     pub async fn start(settings: &Settings) -> Result<Self, MqttError> {
         let router_tx = Router::new(settings.mqtt.id, settings.mqtt.router.clone()).spawn();
         let (mut link_tx, mut link_rx, _connack) =
-            LinkBuilder::new(INGEST_CLIENT_ID, router_tx.clone()).build()?;
-        link_tx.subscribe(READINGS_FILTER)?;
+            LinkBuilder::new(INGEST_CLIENT_ID, router_tx.clone())
+                .build()
+                .map_err(Box::new)?;
+        link_tx.subscribe(READINGS_FILTER).map_err(Box::new)?;
         wait_for_suback(&mut link_rx).await?;
 
         // Bind-check first: `Server::start` binds inside its task, and a clear error before
@@ -96,7 +98,7 @@ impl EmbeddedBroker {
 async fn wait_for_suback(link_rx: &mut LinkRx) -> Result<(), MqttError> {
     let wait = async {
         loop {
-            match link_rx.next().await? {
+            match link_rx.next().await.map_err(Box::new)? {
                 Some(Notification::DeviceAck(_)) => return Ok(()),
                 _ => continue,
             }

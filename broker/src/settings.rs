@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono_tz::Tz;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use migration::database_url::{
     masked as masked_url, DEFAULT_CONFIG_PATH, DEFAULT_DATABASE_URL,
@@ -25,10 +25,13 @@ pub struct Settings {
     /// rumqttd's configuration, passed through unchanged (listeners, router, limits).
     pub mqtt: rumqttd::Config,
     pub ingest: IngestSettings,
+    /// `CO2_*` environment variables that name no `[co2]` key (typos, or another program's
+    /// variables such as the edge agent's `CO2_EDGE__…`): ignored, and reported at start.
+    pub ignored_env: Vec<String>,
 }
 
 /// The `[co2]` section: storage and ingest. Durations are in milliseconds.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestSettings {
     /// `sqlite://path?mode=rwc` (embedded default) or `mysql://user:password@host/db`.
@@ -50,7 +53,9 @@ pub struct IngestSettings {
     pub db_write_timeout_ms: u64,
     /// How often to retry the database while the spool holds readings.
     pub db_retry_interval_ms: u64,
-    /// Connections in the database pool.
+    /// Batches written concurrently (each on its own connection).
+    pub db_writers: usize,
+    /// Connections in the database pool; at least `db_writers`.
     pub db_pool_size: u32,
     /// Upper bound of the spool on disk; at the bound new batches are refused (and not acked).
     pub spool_max_bytes: u64,
@@ -77,6 +82,7 @@ impl Default for IngestSettings {
             queue_capacity: 65_536,
             db_write_timeout_ms: 5_000,
             db_retry_interval_ms: 1_000,
+            db_writers: 3,
             db_pool_size: 4,
             spool_max_bytes: 1 << 30,
             min_co2_ppm: 0.0,
@@ -115,7 +121,7 @@ impl IngestSettings {
 }
 
 /// A database URL that never prints its password.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(transparent)]
 pub struct DatabaseUrl(String);
 
@@ -151,6 +157,8 @@ pub enum SettingsError {
     },
     #[error("config key `{key}`: {reason}")]
     Invalid { key: &'static str, reason: String },
+    #[error("config key `{key}`: {reason}")]
+    Value { key: String, reason: String },
 }
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> SettingsError {
@@ -172,22 +180,48 @@ impl Settings {
         };
         let mut builder = config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Toml));
+        let known_keys = match serde_json::to_value(IngestSettings::default()) {
+            Ok(serde_json::Value::Object(fields)) => fields.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
+        let mut ignored_env = Vec::new();
         for (name, value) in env {
             // CO2_CONFIG names the file itself; it is not a key of [co2].
-            if let Some(key) = name.strip_prefix("CO2_").filter(|k| *k != "CONFIG") {
+            let Some(key) = name.strip_prefix("CO2_").filter(|k| *k != "CONFIG") else {
+                continue;
+            };
+            let key = key.to_lowercase();
+            if known_keys.contains(&key) {
                 builder = builder
-                    .set_override(format!("co2.{}", key.to_lowercase()), value)
+                    .set_override(format!("co2.{key}"), value)
                     .map_err(load_err)?;
+            } else {
+                ignored_env.push(name);
             }
         }
         let layered = builder.build().map_err(load_err)?;
         let mqtt: rumqttd::Config = layered.clone().try_deserialize().map_err(load_err)?;
-        let ingest = match layered.get::<IngestSettings>("co2") {
-            Ok(ingest) => ingest,
+        let ingest = match layered.get::<config::Value>("co2") {
+            // Through serde_path_to_error, so that a bad value names its own key rather
+            // than the whole section.
+            Ok(section) => serde_path_to_error::deserialize(section).map_err(|e| {
+                let key = match e.path().to_string().as_str() {
+                    "." => "co2".to_owned(),
+                    path => format!("co2.{path}"),
+                };
+                SettingsError::Value {
+                    key,
+                    reason: e.into_inner().to_string(),
+                }
+            })?,
             Err(config::ConfigError::NotFound(_)) => IngestSettings::default(),
             Err(e) => return Err(load_err(e)),
         };
-        let settings = Self { mqtt, ingest };
+        let settings = Self {
+            mqtt,
+            ingest,
+            ignored_env,
+        };
         settings.validate()?;
         Ok(settings)
     }
@@ -210,10 +244,16 @@ impl Settings {
         if i.queue_capacity == 0 {
             return Err(invalid("co2.queue_capacity", "must be at least 1"));
         }
-        if i.db_pool_size == 0 {
-            return Err(invalid("co2.db_pool_size", "must be at least 1"));
+        if i.db_writers == 0 {
+            return Err(invalid("co2.db_writers", "must be at least 1"));
         }
-        if !(i.min_co2_ppm < i.max_co2_ppm) {
+        if (i.db_pool_size as usize) < i.db_writers {
+            return Err(invalid(
+                "co2.db_pool_size",
+                "must be at least co2.db_writers",
+            ));
+        }
+        if i.min_co2_ppm.partial_cmp(&i.max_co2_ppm) != Some(std::cmp::Ordering::Less) {
             return Err(invalid(
                 "co2.max_co2_ppm",
                 "must be greater than co2.min_co2_ppm",

@@ -24,7 +24,7 @@ const DRAIN_QUIET: Duration = Duration::from_millis(250);
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     #[error("the MQTT router closed the ingest link: {0}")]
-    Router(#[from] rumqttd::local::LinkError),
+    Router(#[from] Box<rumqttd::local::LinkError>),
     #[error("the writer stopped accepting records")]
     WriterGone,
 }
@@ -47,7 +47,7 @@ impl LinkConsumer {
     pub async fn run(mut self, stop: CancellationToken, grace: Duration) -> Result<(), LinkError> {
         loop {
             let notification = tokio::select! {
-                n = self.link.next() => n?,
+                n = self.link.next() => n.map_err(Box::new)?,
                 _ = stop.cancelled() => break,
             };
             self.handle(notification).await?;
@@ -56,7 +56,7 @@ impl LinkConsumer {
         loop {
             let quiet = tokio::time::Instant::now() + DRAIN_QUIET;
             match tokio::time::timeout_at(quiet.min(deadline), self.link.next()).await {
-                Ok(notification) => self.handle(notification?).await?,
+                Ok(notification) => self.handle(notification.map_err(Box::new)?).await?,
                 Err(_elapsed) => return Ok(()),
             }
         }
@@ -89,7 +89,7 @@ impl LinkConsumer {
             }
             // The router pauses a link whose buffer is full until it says it is ready again;
             // without this the link stalls for good.
-            Some(Notification::Unschedule) => self.link.wake().await?,
+            Some(Notification::Unschedule) => self.link.wake().await.map_err(Box::new)?,
             // `None` is a wake-up with an empty buffer; acks and the rest need no action.
             _ => {}
         }

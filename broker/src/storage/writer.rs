@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use co2_proto::{SeqRanges, StorageAck};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 use super::{Database, Spool, SpoolError, WriteOutcome};
 use crate::ingest::{Batch, Record};
@@ -29,12 +30,24 @@ pub struct Writer {
     max_delay: Duration,
     write_timeout: Duration,
     retry_interval: Duration,
+    /// Batches being written right now, each on its own pooled connection. Overlapping
+    /// writes keep the database busy while a commit waits for its fsync; one writer at a
+    /// time spent most of its life waiting (see the README's benchmark section).
+    in_flight: JoinSet<WriteAttempt>,
+    max_in_flight: usize,
     /// Earliest time to try the database again after a failure.
     next_db_attempt: Instant,
     /// Migrations could not run at start (database unreachable): run them before the first
     /// write that reaches it.
     schema_pending: bool,
     db_failure_log: Throttle,
+}
+
+/// A finished database write and the batch it carried (spooled if the write failed).
+struct WriteAttempt {
+    batch: Batch,
+    result: Result<WriteOutcome, String>,
+    elapsed: Duration,
 }
 
 impl Writer {
@@ -59,6 +72,8 @@ impl Writer {
             max_delay: settings.batch_max_delay(),
             write_timeout: settings.db_write_timeout(),
             retry_interval: settings.db_retry_interval(),
+            in_flight: JoinSet::new(),
+            max_in_flight: settings.db_writers,
             next_db_attempt: Instant::now(),
             schema_pending,
             db_failure_log: Throttle::new(Duration::from_secs(10)),
@@ -70,11 +85,17 @@ impl Writer {
     pub async fn run(mut self, mut records: mpsc::Receiver<Record>, grace: Duration) {
         let mut buffer = Vec::with_capacity(self.max_rows);
         loop {
-            let replay_due = !self.spool.is_empty() && Instant::now() >= self.next_db_attempt;
+            let replay_due = !self.spool.is_empty()
+                && self.in_flight.is_empty()
+                && Instant::now() >= self.next_db_attempt;
             let retry_at = tokio::time::Instant::from_std(self.next_db_attempt);
+            let can_take = self.in_flight.len() < self.max_in_flight;
             // Unbiased: under sustained input, replay still gets its turn.
             tokio::select! {
-                received = records.recv_many(&mut buffer, self.max_rows) => {
+                Some(done) = self.in_flight.join_next(), if !self.in_flight.is_empty() => {
+                    self.finish(done);
+                }
+                received = records.recv_many(&mut buffer, self.max_rows), if can_take => {
                     if received == 0 {
                         break;
                     }
@@ -88,6 +109,9 @@ impl Writer {
                 }
                 () = tokio::time::sleep_until(retry_at), if !self.spool.is_empty() && !replay_due => {}
             }
+        }
+        while let Some(done) = self.in_flight.join_next().await {
+            self.finish(done);
         }
         let deadline = Instant::now() + grace;
         while !self.spool.is_empty() && Instant::now() < deadline && self.replay_one().await {}
@@ -111,41 +135,78 @@ impl Writer {
         }
     }
 
+    /// Sends a batch on its way: behind the spool if it holds anything (order), else to the
+    /// database, concurrently with the other writes in flight.
     async fn flush(&mut self, batch: Batch) {
-        if self.spool.is_empty() {
-            if let Some(outcome) = self.write_to_database(&batch).await {
-                self.count_written(&batch, outcome, false);
-                self.ack(&batch);
-                return;
-            }
+        if !self.spool.is_empty() {
+            self.spool_batch(batch);
+        } else if self.schema_pending {
+            // Migrating must happen once, before any write: no concurrency until it has.
+            let done = self.attempt(batch).await;
+            self.finish(Ok(done));
+        } else {
+            let attempt = self.attempt(batch);
+            self.in_flight.spawn(attempt);
         }
-        self.spool_batch(batch);
     }
 
-    /// One database attempt, bounded by the write timeout. `None` means the database is
-    /// failing; the reason has been logged and the next attempt is scheduled.
-    async fn write_to_database(&mut self, batch: &Batch) -> Option<WriteOutcome> {
-        let started = Instant::now();
-        let (db, schema_pending) = (&self.db, self.schema_pending);
-        let attempt = async {
-            if schema_pending {
-                db.migrate().await?;
-                tracing::info!("database reachable again; schema migrated");
+    /// One database write (migrating first if still pending), bounded by the write timeout.
+    fn attempt(
+        &self,
+        batch: Batch,
+    ) -> impl std::future::Future<Output = WriteAttempt> + Send + 'static {
+        let (db, schema_pending, timeout) =
+            (self.db.clone(), self.schema_pending, self.write_timeout);
+        async move {
+            let started = Instant::now();
+            let write = async {
+                if schema_pending {
+                    db.migrate().await?;
+                    tracing::info!("database reachable again; schema migrated");
+                }
+                db.write(&batch).await
+            };
+            let result = match tokio::time::timeout(timeout, write).await {
+                Ok(Ok(outcome)) => Ok(outcome),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {timeout:?}")),
+            };
+            WriteAttempt {
+                batch,
+                result,
+                elapsed: started.elapsed(),
             }
-            db.write(batch).await
+        }
+    }
+
+    /// Books a finished write: counts and acks it, or spools its batch if it failed.
+    fn finish(&mut self, done: Result<WriteAttempt, tokio::task::JoinError>) {
+        let done = match done {
+            Ok(done) => done,
+            // Only a panic inside SeaORM/sqlx gets here; its batch is gone with the task.
+            Err(e) => {
+                tracing::error!(error = %e, "a database write task failed; its batch is not acked (agents with an outbox will resend it)");
+                return;
+            }
         };
-        let error = match tokio::time::timeout(self.write_timeout, attempt).await {
-            Ok(Ok(outcome)) => {
+        match done.result {
+            Ok(outcome) => {
                 self.schema_pending = false;
-                self.metrics.observe_batch(batch.len(), started.elapsed());
+                self.metrics.observe_batch(done.batch.len(), done.elapsed);
                 if self.metrics.database_up.swap(1, Relaxed) == 0 {
                     tracing::info!("database is reachable");
                 }
-                return Some(outcome);
+                self.count_written(&done.batch, outcome, false);
+                self.ack(&done.batch);
             }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no answer within {:?}", self.write_timeout),
-        };
+            Err(error) => {
+                self.database_failed(&error);
+                self.spool_batch(done.batch);
+            }
+        }
+    }
+
+    fn database_failed(&mut self, error: &str) {
         self.metrics.database_up.store(0, Relaxed);
         self.next_db_attempt = Instant::now() + self.retry_interval;
         if let Some(suppressed) = self.db_failure_log.ready() {
@@ -156,7 +217,6 @@ impl Writer {
                 "database write failed; readings go to the spool until it is back"
             );
         }
-        None
     }
 
     fn spool_batch(&mut self, batch: Batch) {
@@ -199,8 +259,18 @@ impl Writer {
                 return true;
             }
         };
-        let Some(outcome) = self.write_to_database(&batch).await else {
-            return false;
+        let done = self.attempt(batch).await;
+        let (batch, outcome) = match done.result {
+            Ok(outcome) => {
+                self.schema_pending = false;
+                self.metrics.observe_batch(done.batch.len(), done.elapsed);
+                self.metrics.database_up.store(1, Relaxed);
+                (done.batch, outcome)
+            }
+            Err(error) => {
+                self.database_failed(&error);
+                return false;
+            }
         };
         self.count_written(&batch, outcome, true);
         if let Err(e) = tokio::task::block_in_place(|| self.spool.pop_oldest()) {

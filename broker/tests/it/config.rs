@@ -15,7 +15,10 @@ fn run_with(extra: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
         .envs(env.iter().copied())
         .output()
         .expect("co2-broker runs");
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -25,13 +28,17 @@ fn invalid_values_name_their_key() {
         ("batch_max_rows = \"many\"", "co2.batch_max_rows"),
         ("batch_max_rows = 0", "co2.batch_max_rows"),
         ("max_co2_ppm = -1.0", "co2.max_co2_ppm"),
-        ("http_listen = \"localhost\"", "co2.http_listen"),
+        ("spool_max_bytes = -5", "co2.spool_max_bytes"),
         ("no_such_key = 1", "no_such_key"),
     ];
     for (extra, key) in cases {
         let (code, stderr) = run_with(extra, &[]);
         assert_eq!(code, Some(2), "{extra}: {stderr}");
-        assert_eq!(stderr.trim().lines().count(), 1, "one line for {extra}: {stderr}");
+        assert_eq!(
+            stderr.trim().lines().count(),
+            1,
+            "one line for {extra}: {stderr}"
+        );
         assert!(stderr.contains(key), "{extra}: {stderr}");
     }
 }
@@ -41,6 +48,9 @@ fn environment_overrides_are_checked_too() {
     let (code, stderr) = run_with("", &[("CO2_DATABASE_URL", "postgres://nope")]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("co2.database_url"), "{stderr}");
+    let (code, stderr) = run_with("", &[("CO2_HTTP_LISTEN", "localhost")]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("co2.http_listen"), "{stderr}");
 }
 
 #[test]
@@ -56,5 +66,8 @@ fn a_taken_port_fails_the_start_clearly() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains(&format!("cannot listen on {}", setup.v4)), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {}", setup.v4)),
+        "{stderr}"
+    );
 }

@@ -3,6 +3,7 @@
 
 mod burst;
 mod config;
+mod edge;
 mod faults;
 mod grafana;
 mod ingest;

@@ -9,7 +9,11 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 pub async fn wait_until_accepting(addr: SocketAddr) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let mut options = MqttOptions::new("probe", addr.ip().to_string(), addr.port());
+        let mut options = MqttOptions::new(
+            super::unique_client_id("probe"),
+            addr.ip().to_string(),
+            addr.port(),
+        );
         options.set_keep_alive(Duration::from_secs(5));
         let (client, mut events) = AsyncClient::new(options, 10);
         let connected = tokio::time::timeout(Duration::from_secs(2), async {
@@ -85,7 +89,7 @@ pub async fn publish_all(
 
 /// Publishes one message at QoS 1 with a short-lived client.
 pub async fn publish_one(addr: SocketAddr, topic: &str, payload: impl Into<Vec<u8>>) {
-    let id = format!("one-{}", super::free_port());
+    let id = super::unique_client_id("one");
     publish_all(
         addr,
         id,

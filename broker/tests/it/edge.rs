@@ -1,0 +1,403 @@
+//! End to end: the real `co2-edge` binary (simulated sensor) against the real `co2-broker`
+//! binary and MariaDB, with the broker stopped twice (SIGTERM, then SIGKILL) while the agent
+//! keeps sampling. Every reading the agent produced must end up in the table exactly once, in
+//! order of time, and nothing may be left in the agent's outbox.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use co2_broker::storage::entities::co2_emissions;
+use sea_orm::DatabaseConnection;
+
+use crate::support::broker::{config_file, BrokerProcess};
+use crate::support::mariadb::MariaDb;
+use crate::support::{db, eventually};
+
+const DEVICE: &str = "edge-e2e";
+/// Fast enough to pile up a backlog during a short outage, slow enough for a debug build.
+const INTERVAL_MS: u64 = 50;
+/// Readings that must pile up in the outbox before the broker comes back (≈ 2 s of sampling).
+const OUTAGE_BACKLOG: u64 = 40;
+/// What may still be pending when the backlog counts as drained: the readings sampled while
+/// the last storage ack was on its way.
+const LIVE_SLACK: u64 = 5;
+
+/// The `co2-edge` binary of the workspace: it lives next to the test binary's `deps/` directory.
+/// A `cargo test -p co2-broker` alone does not build it, so it is built here if missing.
+fn edge_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // <target>/<profile>/deps/it-<hash>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in <target>/<profile>/deps");
+    let binary = profile_dir.join("co2-edge");
+    if binary.is_file() {
+        return binary;
+    }
+    let target_dir = profile_dir.parent().expect("<target> above <profile>");
+    let mut build = Command::new(env!("CARGO"));
+    build
+        .args(["build", "-p", "co2-edge", "--bin", "co2-edge"])
+        .arg("--manifest-path")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"))
+        .arg("--target-dir")
+        .arg(target_dir);
+    if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
+        build.arg("--release");
+    }
+    let status = build.status().expect("cargo runs");
+    assert!(
+        status.success() && binary.is_file(),
+        "building co2-edge failed ({status}); expected it at {}",
+        binary.display()
+    );
+    binary
+}
+
+/// Removes terminal colour codes, in case the agent's log writer adds them.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-byte
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The numeric value of `name=` in one of the agent's log lines.
+fn field(line: &str, name: &str) -> Option<u64> {
+    let start = line.find(&format!(" {name}="))? + name.len() + 2;
+    let digits: String = line[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// Whether `line` is the agent's log event `message` (tracing prints `target: message fields`).
+fn is_event(line: &str, message: &str) -> bool {
+    line.contains(&format!(": {message} ")) || line.ends_with(&format!(": {message}"))
+}
+
+/// One run of the real `co2-edge` binary; killed on drop if the test fails midway.
+struct EdgeAgent {
+    child: Child,
+    log_path: PathBuf,
+}
+
+impl EdgeAgent {
+    /// Starts the agent on `data_dir` (the outbox survives between runs) against `broker`
+    /// and waits until its outbox is open.
+    async fn spawn(data_dir: &Path, broker: SocketAddr, interval_ms: u64, run: &str) -> Self {
+        let config_path = data_dir.join(format!("{run}.toml"));
+        let config = format!(
+            r#"device_id = "{DEVICE}"
+data_dir = "{data_dir}"
+log = "info"
+
+[sensor]
+kind = "simulated"
+interval_ms = {interval_ms}
+median_window = 1
+
+[mqtt]
+host = "{host}"
+port = {port}
+reconnect_delay_ms = 200
+
+[publish]
+max_rate_per_sec = 1000.0
+backlog_log_secs = 1
+
+[clock]
+require_ntp_sync = false   # containers never report NTP sync
+
+[outbox]
+fsync_every = 1
+"#,
+            data_dir = data_dir.display(),
+            host = broker.ip(),
+            port = broker.port(),
+        );
+        std::fs::create_dir_all(data_dir).expect("agent data dir");
+        std::fs::write(&config_path, config).expect("write agent config");
+        let log_path = data_dir.join(format!("{run}.log"));
+        let log = std::fs::File::create(&log_path).expect("agent log file");
+        let child = Command::new(edge_binary())
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("co2-edge binary starts");
+        let agent = Self { child, log_path };
+        agent
+            .wait_for_line(0, "the agent's outbox to open", |line| {
+                is_event(line, "outbox opened").then_some(())
+            })
+            .await;
+        agent
+    }
+
+    fn lines(&self) -> Vec<String> {
+        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        strip_ansi(&text).lines().map(str::to_owned).collect()
+    }
+
+    /// Number of log lines so far, to look only at what comes after a point in the test.
+    fn mark(&self) -> usize {
+        self.lines().len()
+    }
+
+    /// Waits for the first log line after `from` that `matches` accepts; fails with the log.
+    async fn wait_for_line<T>(
+        &self,
+        from: usize,
+        what: &str,
+        matches: impl Fn(&str) -> Option<T>,
+    ) -> T {
+        let timeout = Duration::from_secs(20);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let lines = self.lines();
+            if let Some(found) = lines.iter().skip(from).find_map(|l| matches(l)) {
+                return found;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}; agent log:\n{}",
+                    lines.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit code and the log.
+    fn terminate(mut self) -> (Option<i32>, String) {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -TERM co2-edge");
+        let status = self.child.wait().expect("agent exits");
+        (status.code(), self.lines().join("\n"))
+    }
+}
+
+impl Drop for EdgeAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill(); // already gone after terminate()
+        let _ = self.child.wait(); // reaping only
+    }
+}
+
+/// The agent's outbox cursor file: `v1 <cursor> <dropped_total> <clean_next_seq>`.
+fn outbox_cursor(data_dir: &Path) -> (u64, u64, u64) {
+    let path = data_dir.join("outbox").join("cursor");
+    let text = std::fs::read_to_string(&path).expect("outbox cursor file");
+    let numbers: Vec<u64> = text
+        .split_whitespace()
+        .skip(1)
+        .map(|n| n.parse().expect("cursor numbers"))
+        .collect();
+    assert!(text.starts_with("v1 ") && numbers.len() == 3, "{text:?}");
+    (numbers[0], numbers[1], numbers[2])
+}
+
+async fn device_rows(conn: &DatabaseConnection) -> Vec<co2_emissions::Model> {
+    let mut rows: Vec<_> = db::readings(conn)
+        .await
+        .into_iter()
+        .filter(|r| r.device_id == DEVICE)
+        .collect();
+    rows.sort_by_key(|r| (r.seq, r.id));
+    rows
+}
+
+/// While the broker is down: waits until the agent reports a backlog of at least
+/// [`OUTAGE_BACKLOG`] readings while disconnected.
+async fn wait_for_outage_backlog(agent: &EdgeAgent, from: usize) -> u64 {
+    agent
+        .wait_for_line(from, "a backlog piling up while the broker is down", |l| {
+            let backlog = field(l, "backlog")?;
+            (is_event(l, "backlog") && l.contains("connected=false") && backlog >= OUTAGE_BACKLOG)
+                .then_some(backlog)
+        })
+        .await
+}
+
+/// After the broker is back: the agent reconnects with its backlog and drains it.
+async fn wait_for_drain(agent: &EdgeAgent, from: usize) -> u64 {
+    let resent = agent
+        .wait_for_line(from, "the agent reconnecting with its backlog", |l| {
+            is_event(l, "connected to the broker; sending the backlog")
+                .then(|| field(l, "backlog"))
+                .flatten()
+        })
+        .await;
+    agent
+        .wait_for_line(from, "the agent's backlog to drain", |l| {
+            let backlog = field(l, "backlog")?;
+            (is_event(l, "storage ack") && backlog <= LIVE_SLACK).then_some(())
+        })
+        .await;
+    resent
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_agent_through_broker_restarts_stores_every_reading_once_in_time_order() {
+    let started = std::time::Instant::now();
+    let url = MariaDb::shared().create_database("edge").await;
+    let dir = tempfile::tempdir().unwrap();
+    #[allow(deprecated)]
+    let dir = dir.into_path();
+    eprintln!("DEBUG DIR {}", dir.display());
+    struct P(PathBuf);
+    impl P {
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+    let dir = P(dir);
+    let setup = config_file(dir.path(), &url, "");
+    let broker = BrokerProcess::spawn(&setup).await;
+    let conn = db::connect(&url).await;
+    let agent_dir = dir.path().join("agent");
+
+    let agent = EdgeAgent::spawn(&agent_dir, setup.v4, INTERVAL_MS, "run1").await;
+    let first_seq = agent
+        .wait_for_line(0, "next_seq in `outbox opened`", |l| {
+            is_event(l, "outbox opened")
+                .then(|| field(l, "next_seq"))
+                .flatten()
+        })
+        .await;
+    eventually(Duration::from_secs(20), "40 readings stored", || async {
+        (db::reading_count(&conn).await >= 40).then_some(())
+    })
+    .await;
+
+    // Outage 1: a graceful stop; the broker drains what it has, the agent keeps sampling.
+    let mark = agent.mark();
+    let (code, log) = broker.terminate();
+    assert_eq!(code, Some(0), "broker SIGTERM exits 0; log:\n{log}");
+    let piled = wait_for_outage_backlog(&agent, mark).await;
+    let mark = agent.mark();
+    let broker = BrokerProcess::spawn(&setup).await;
+    let resent = wait_for_drain(&agent, mark).await;
+    assert!(resent >= piled, "reconnected with {resent}, had {piled}");
+
+    // Outage 2: SIGKILL mid-stream. What was PUBACKed but not committed got no storage ack,
+    // so the agent still has it and must send it again.
+    let mark = agent.mark();
+    let _ = broker.kill();
+    let piled = wait_for_outage_backlog(&agent, mark).await;
+    let mark = agent.mark();
+    let broker = BrokerProcess::spawn(&setup).await;
+    let resent = wait_for_drain(&agent, mark).await;
+    assert!(resent >= piled, "reconnected with {resent}, had {piled}");
+
+    let (code, log) = agent.terminate();
+    assert_eq!(code, Some(0), "agent SIGTERM exits 0; log:\n{log}");
+    let left = log
+        .lines()
+        .rev()
+        .find(|l| is_event(l, "outbox flushed"))
+        .and_then(|l| field(l, "pending"))
+        .unwrap_or_else(|| panic!("no `outbox flushed pending=` line; log:\n{log}"));
+    assert!(left <= LIVE_SLACK, "{left} readings left after the drain");
+
+    // The readings sampled while the last acks were on their way: a second run delivers them.
+    // Its interval is so long that it samples exactly one reading, right at start.
+    let agent = EdgeAgent::spawn(&agent_dir, setup.v4, 600_000, "run2").await;
+    let lines = agent.lines();
+    let opened = lines
+        .iter()
+        .find(|l| is_event(l, "outbox opened"))
+        .expect("outbox opened");
+    assert_eq!(field(opened, "pending"), Some(left), "{opened}");
+    agent
+        .wait_for_line(0, "the outbox to be empty", |l| {
+            (is_event(l, "storage ack") && field(l, "backlog") == Some(0)).then_some(())
+        })
+        .await;
+    let (code, log) = agent.terminate();
+    assert_eq!(code, Some(0), "agent SIGTERM exits 0; log:\n{log}");
+    assert!(
+        log.lines()
+            .any(|l| is_event(l, "outbox flushed") && field(l, "pending") == Some(0)),
+        "the outbox is empty at the end; log:\n{log}"
+    );
+    let (cursor, dropped_total, next_seq) = outbox_cursor(&agent_dir);
+    assert_eq!(dropped_total, 0, "no reading dropped at the outbox bound");
+    assert_eq!(
+        cursor, next_seq,
+        "every seq the agent issued is acknowledged"
+    );
+    // A clean run issues consecutive seqs; both stops were graceful, so the seqs of the whole
+    // test are exactly first_seq..next_seq.
+    let produced = next_seq - first_seq;
+    assert!(produced >= 40 + 2 * OUTAGE_BACKLOG, "{produced} readings");
+
+    let (code, log) = broker.terminate();
+    assert_eq!(code, Some(0), "broker SIGTERM exits 0; log:\n{log}");
+
+    let rows = device_rows(&conn).await;
+    let seqs: Vec<u64> = rows
+        .iter()
+        .map(|r| r.seq.expect("agent readings carry seq") as u64)
+        .collect();
+    let distinct: BTreeSet<u64> = seqs.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        seqs.len(),
+        "a reading stored twice: {:?}",
+        seqs.windows(2).filter(|w| w[0] == w[1]).collect::<Vec<_>>()
+    );
+    let missing: Vec<u64> = (first_seq..next_seq)
+        .filter(|s| !distinct.contains(s))
+        .collect();
+    assert!(missing.is_empty(), "readings never stored: {missing:?}");
+    assert_eq!(
+        seqs,
+        (first_seq..next_seq).collect::<Vec<_>>(),
+        "stored seqs are exactly the issued ones"
+    );
+    for pair in rows.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        assert!(
+            a.date_time < b.date_time,
+            "measured times follow seq: seq {:?} at {:?}, seq {:?} at {:?}",
+            a.seq,
+            a.date_time,
+            b.seq,
+            b.date_time
+        );
+        assert!(a.id < b.id, "stored in seq order: {a:?} then {b:?}");
+    }
+    assert!(rows
+        .iter()
+        .all(|r| r.topic == format!("co2/{DEVICE}") && r.emissions.is_some()));
+    eprintln!(
+        "edge end to end: {produced} readings, two broker outages, {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
