@@ -34,7 +34,10 @@ fn parse_args() -> anyhow::Result<Args> {
         devices: 20,
         readings: 10_000,
         rate: None,
-        run: format!("{:x}", SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis()),
+        run: format!(
+            "{:x}",
+            SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis()
+        ),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -81,8 +84,16 @@ async fn main() -> anyhow::Result<()> {
         reports.push(task.await??);
     }
     let total = args.devices as u64 * args.readings;
-    let start = reports.iter().map(|r| r.first_publish).min().context("no devices")?;
-    let end = reports.iter().map(|r| r.last_ack).max().context("no devices")?;
+    let start = reports
+        .iter()
+        .map(|r| r.first_publish)
+        .min()
+        .context("no devices")?;
+    let end = reports
+        .iter()
+        .map(|r| r.last_ack)
+        .max()
+        .context("no devices")?;
     let mut latencies: Vec<Duration> = reports.into_iter().flat_map(|r| r.latencies).collect();
     latencies.sort_unstable();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
@@ -112,7 +123,9 @@ async fn run_device(
     options.set_keep_alive(Duration::from_secs(30));
     options.set_inflight(200);
     let (client, mut events) = AsyncClient::new(options, 1000);
-    client.subscribe(device.ack_topic(), QoS::AtLeastOnce).await?;
+    client
+        .subscribe(device.ack_topic(), QoS::AtLeastOnce)
+        .await?;
     loop {
         if let Event::Incoming(Packet::SubAck(_)) = events.poll().await? {
             break;
@@ -141,7 +154,9 @@ async fn run_device(
                     humidity_pct: None,
                 };
                 sent.push(Instant::now());
-                client.publish(&topic, QoS::AtLeastOnce, false, payload.to_json()).await?;
+                client
+                    .publish(&topic, QoS::AtLeastOnce, false, payload.to_json())
+                    .await?;
             }
             anyhow::Ok(sent)
         }
@@ -151,7 +166,12 @@ async fn run_device(
     while (acked_at.len() as u64) < readings {
         let event = tokio::time::timeout_at(deadline.into(), events.poll())
             .await
-            .with_context(|| format!("{device}: only {} of {readings} acked in time", acked_at.len()))??;
+            .with_context(|| {
+                format!(
+                    "{device}: only {} of {readings} acked in time",
+                    acked_at.len()
+                )
+            })??;
         if let Event::Incoming(Packet::Publish(p)) = event {
             let now = Instant::now();
             let ack = StorageAck::parse(&p.payload).context("ack payload")?;
@@ -174,4 +194,3 @@ async fn run_device(
         last_ack,
     })
 }
-
