@@ -87,6 +87,20 @@ fn field(line: &str, name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// The seq ranges of a `storage ack` line: `stored=[(first, last), ...]`.
+fn acked_ranges(line: &str) -> Vec<(u64, u64)> {
+    let Some(start) = line.find(" stored=[") else {
+        return Vec::new();
+    };
+    let list = &line[start + " stored=[".len()..];
+    let list = &list[..list.find(']').unwrap_or(list.len())];
+    let numbers: Vec<u64> = list
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    numbers.chunks_exact(2).map(|p| (p[0], p[1])).collect()
+}
+
 /// Whether `line` is the agent's log event `message` (tracing prints `target: message fields`).
 fn is_event(line: &str, message: &str) -> bool {
     line.contains(&format!(": {message} ")) || line.ends_with(&format!(": {message}"))
@@ -101,7 +115,13 @@ struct EdgeAgent {
 impl EdgeAgent {
     /// Starts the agent on `data_dir` (the outbox survives between runs) against `broker`
     /// and waits until its outbox is open.
-    async fn spawn(data_dir: &Path, broker: SocketAddr, interval_ms: u64, run: &str) -> Self {
+    async fn spawn(
+        data_dir: &Path,
+        broker: &BrokerProcess,
+        addr: SocketAddr,
+        interval_ms: u64,
+        run: &str,
+    ) -> Self {
         let config_path = data_dir.join(format!("{run}.toml"));
         let config = format!(
             r#"device_id = "{DEVICE}"
@@ -129,8 +149,8 @@ require_ntp_sync = false   # containers never report NTP sync
 fsync_every = 1
 "#,
             data_dir = data_dir.display(),
-            host = broker.ip(),
-            port = broker.port(),
+            host = addr.ip(),
+            port = addr.port(),
         );
         std::fs::create_dir_all(data_dir).expect("agent data dir");
         std::fs::write(&config_path, config).expect("write agent config");
@@ -148,7 +168,7 @@ fsync_every = 1
             .expect("co2-edge binary starts");
         let agent = Self { child, log_path };
         agent
-            .wait_for_line(0, "the agent's outbox to open", |line| {
+            .wait_for_line(0, "the agent's outbox to open", Some(broker), |line| {
                 is_event(line, "outbox opened").then_some(())
             })
             .await;
@@ -165,11 +185,13 @@ fsync_every = 1
         self.lines().len()
     }
 
-    /// Waits for the first log line after `from` that `matches` accepts; fails with the log.
+    /// Waits for the first log line after `from` that `matches` accepts. On timeout the test
+    /// fails with the agent's log and what went wrong in `broker`, if it runs.
     async fn wait_for_line<T>(
         &self,
         from: usize,
         what: &str,
+        broker: Option<&BrokerProcess>,
         matches: impl Fn(&str) -> Option<T>,
     ) -> T {
         let timeout = Duration::from_secs(20);
@@ -181,7 +203,9 @@ fsync_every = 1
             }
             if tokio::time::Instant::now() >= deadline {
                 panic!(
-                    "timed out after {timeout:?} waiting for {what}; agent log:\n{}",
+                    "timed out after {timeout:?} waiting for {what}\n\
+                     broker errors:\n{}\nagent log:\n{}",
+                    broker.map(broker_errors).unwrap_or_default(),
                     lines.join("\n")
                 );
             }
@@ -222,6 +246,18 @@ fn outbox_cursor(data_dir: &Path) -> (u64, u64, u64) {
     (numbers[0], numbers[1], numbers[2])
 }
 
+/// The broker's error lines and panics (the first of each kind is enough to diagnose).
+fn broker_errors(broker: &BrokerProcess) -> String {
+    let log = strip_ansi(&broker.log());
+    let mut seen = BTreeSet::new();
+    log.lines()
+        .filter(|l| l.contains(" ERROR ") || l.contains("panicked at"))
+        .filter(|l| seen.insert(l.split_once("Z ").map_or(*l, |(_, rest)| rest).to_owned()))
+        .take(20)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 async fn device_rows(conn: &DatabaseConnection) -> Vec<co2_emissions::Model> {
     let mut rows: Vec<_> = db::readings(conn)
         .await
@@ -236,25 +272,37 @@ async fn device_rows(conn: &DatabaseConnection) -> Vec<co2_emissions::Model> {
 /// [`OUTAGE_BACKLOG`] readings while disconnected.
 async fn wait_for_outage_backlog(agent: &EdgeAgent, from: usize) -> u64 {
     agent
-        .wait_for_line(from, "a backlog piling up while the broker is down", |l| {
-            let backlog = field(l, "backlog")?;
-            (is_event(l, "backlog") && l.contains("connected=false") && backlog >= OUTAGE_BACKLOG)
-                .then_some(backlog)
-        })
+        .wait_for_line(
+            from,
+            "a backlog piling up while the broker is down",
+            None,
+            |l| {
+                let backlog = field(l, "backlog")?;
+                (is_event(l, "backlog")
+                    && l.contains("connected=false")
+                    && backlog >= OUTAGE_BACKLOG)
+                    .then_some(backlog)
+            },
+        )
         .await
 }
 
 /// After the broker is back: the agent reconnects with its backlog and drains it.
-async fn wait_for_drain(agent: &EdgeAgent, from: usize) -> u64 {
+async fn wait_for_drain(agent: &EdgeAgent, broker: &BrokerProcess, from: usize) -> u64 {
     let resent = agent
-        .wait_for_line(from, "the agent reconnecting with its backlog", |l| {
-            is_event(l, "connected to the broker; sending the backlog")
-                .then(|| field(l, "backlog"))
-                .flatten()
-        })
+        .wait_for_line(
+            from,
+            "the agent reconnecting with its backlog",
+            Some(broker),
+            |l| {
+                is_event(l, "connected to the broker; sending the backlog")
+                    .then(|| field(l, "backlog"))
+                    .flatten()
+            },
+        )
         .await;
     agent
-        .wait_for_line(from, "the agent's backlog to drain", |l| {
+        .wait_for_line(from, "the agent's backlog to drain", Some(broker), |l| {
             let backlog = field(l, "backlog")?;
             (is_event(l, "storage ack") && backlog <= LIVE_SLACK).then_some(())
         })
@@ -267,27 +315,22 @@ async fn edge_agent_through_broker_restarts_stores_every_reading_once_in_time_or
     let started = std::time::Instant::now();
     let url = MariaDb::shared().create_database("edge").await;
     let dir = tempfile::tempdir().unwrap();
-    #[allow(deprecated)]
-    let dir = dir.into_path();
-    eprintln!("DEBUG DIR {}", dir.display());
-    struct P(PathBuf);
-    impl P {
-        fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-    let dir = P(dir);
     let setup = config_file(dir.path(), &url, "");
     let broker = BrokerProcess::spawn(&setup).await;
     let conn = db::connect(&url).await;
     let agent_dir = dir.path().join("agent");
 
-    let agent = EdgeAgent::spawn(&agent_dir, setup.v4, INTERVAL_MS, "run1").await;
+    let agent = EdgeAgent::spawn(&agent_dir, &broker, setup.v4, INTERVAL_MS, "run1").await;
     let first_seq = agent
-        .wait_for_line(0, "next_seq in `outbox opened`", |l| {
+        .wait_for_line(0, "next_seq in `outbox opened`", None, |l| {
             is_event(l, "outbox opened")
                 .then(|| field(l, "next_seq"))
                 .flatten()
+        })
+        .await;
+    agent
+        .wait_for_line(0, "the first storage acks", Some(&broker), |l| {
+            is_event(l, "storage ack").then_some(())
         })
         .await;
     eventually(Duration::from_secs(20), "40 readings stored", || async {
@@ -302,7 +345,7 @@ async fn edge_agent_through_broker_restarts_stores_every_reading_once_in_time_or
     let piled = wait_for_outage_backlog(&agent, mark).await;
     let mark = agent.mark();
     let broker = BrokerProcess::spawn(&setup).await;
-    let resent = wait_for_drain(&agent, mark).await;
+    let resent = wait_for_drain(&agent, &broker, mark).await;
     assert!(resent >= piled, "reconnected with {resent}, had {piled}");
 
     // Outage 2: SIGKILL mid-stream. What was PUBACKed but not committed got no storage ack,
@@ -312,7 +355,7 @@ async fn edge_agent_through_broker_restarts_stores_every_reading_once_in_time_or
     let piled = wait_for_outage_backlog(&agent, mark).await;
     let mark = agent.mark();
     let broker = BrokerProcess::spawn(&setup).await;
-    let resent = wait_for_drain(&agent, mark).await;
+    let resent = wait_for_drain(&agent, &broker, mark).await;
     assert!(resent >= piled, "reconnected with {resent}, had {piled}");
 
     let (code, log) = agent.terminate();
@@ -327,16 +370,20 @@ async fn edge_agent_through_broker_restarts_stores_every_reading_once_in_time_or
 
     // The readings sampled while the last acks were on their way: a second run delivers them.
     // Its interval is so long that it samples exactly one reading, right at start.
-    let agent = EdgeAgent::spawn(&agent_dir, setup.v4, 600_000, "run2").await;
+    let agent = EdgeAgent::spawn(&agent_dir, &broker, setup.v4, 600_000, "run2").await;
     let lines = agent.lines();
     let opened = lines
         .iter()
         .find(|l| is_event(l, "outbox opened"))
         .expect("outbox opened");
     assert_eq!(field(opened, "pending"), Some(left), "{opened}");
+    let sampled = field(opened, "next_seq").expect("next_seq in `outbox opened`");
     agent
-        .wait_for_line(0, "the outbox to be empty", |l| {
-            (is_event(l, "storage ack") && field(l, "backlog") == Some(0)).then_some(())
+        .wait_for_line(0, "the outbox to be empty", Some(&broker), |l| {
+            let acked = acked_ranges(l)
+                .iter()
+                .any(|&(first, last)| (first..=last).contains(&sampled));
+            (is_event(l, "storage ack") && acked && field(l, "backlog") == Some(0)).then_some(())
         })
         .await;
     let (code, log) = agent.terminate();
@@ -357,6 +404,11 @@ async fn edge_agent_through_broker_restarts_stores_every_reading_once_in_time_or
     let produced = next_seq - first_seq;
     assert!(produced >= 40 + 2 * OUTAGE_BACKLOG, "{produced} readings");
 
+    let errors = broker_errors(&broker);
+    assert!(
+        !errors.contains("panicked"),
+        "the broker panicked:\n{errors}"
+    );
     let (code, log) = broker.terminate();
     assert_eq!(code, Some(0), "broker SIGTERM exits 0; log:\n{log}");
 
