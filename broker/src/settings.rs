@@ -64,7 +64,8 @@ pub struct IngestSettings {
     pub max_co2_ppm: f64,
     /// Readings timestamped further than this into the future are rejected.
     pub max_future_skew_ms: u64,
-    /// On SIGTERM, how long to keep draining what clients already sent.
+    /// On SIGTERM, how long at most to keep draining what clients already sent (connections
+    /// that stay open keep sending, so the drain may never go quiet on its own).
     pub shutdown_grace_ms: u64,
     /// Address of the `/metrics`, `/healthz` and `/readyz` endpoint; empty turns it off.
     pub http_listen: String,
@@ -88,7 +89,7 @@ impl Default for IngestSettings {
             min_co2_ppm: 0.0,
             max_co2_ppm: 100_000.0,
             max_future_skew_ms: 24 * 3600 * 1000,
-            shutdown_grace_ms: 10_000,
+            shutdown_grace_ms: 3_000,
             http_listen: "127.0.0.1:9883".into(),
         }
     }

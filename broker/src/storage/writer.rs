@@ -82,26 +82,41 @@ impl Writer {
 
     /// Runs until `records` is closed and everything received is written or spooled; then
     /// replays what it can within `grace`.
+    ///
+    /// One loop does everything, so a finished write is acked the moment it completes, even
+    /// while the next batch is still filling.
     pub async fn run(mut self, mut records: mpsc::Receiver<Record>, grace: Duration) {
-        let mut buffer = Vec::with_capacity(self.max_rows);
-        loop {
+        let mut buffer: Vec<Record> = Vec::with_capacity(self.max_rows);
+        // When the oldest record in `buffer` must be on its way.
+        let mut batch_due: Option<tokio::time::Instant> = None;
+        let mut input_open = true;
+        while input_open || !buffer.is_empty() {
             let replay_due = !self.spool.is_empty()
                 && self.in_flight.is_empty()
                 && Instant::now() >= self.next_db_attempt;
             let retry_at = tokio::time::Instant::from_std(self.next_db_attempt);
-            let can_take = self.in_flight.len() < self.max_in_flight;
-            // Unbiased: under sustained input, replay still gets its turn.
+            let room = self.max_rows - buffer.len();
+            let can_send = self.in_flight.len() < self.max_in_flight;
+            let send_at = match batch_due {
+                Some(due) if room > 0 && input_open => due,
+                _ => tokio::time::Instant::now(), // full, or no more input coming
+            };
+            // Unbiased: under sustained input, replay and completions still get their turn.
             tokio::select! {
                 Some(done) = self.in_flight.join_next(), if !self.in_flight.is_empty() => {
                     self.finish(done);
                 }
-                received = records.recv_many(&mut buffer, self.max_rows), if can_take => {
+                received = records.recv_many(&mut buffer, room), if input_open && room > 0 => {
                     if received == 0 {
-                        break;
+                        input_open = false; // flush what is buffered, then stop
+                    } else if batch_due.is_none() {
+                        batch_due = Some(tokio::time::Instant::now() + self.max_delay);
                     }
-                    self.fill(&mut buffer, &mut records).await;
+                }
+                () = tokio::time::sleep_until(send_at), if can_send && !buffer.is_empty() => {
                     let mut batch = Batch::default();
                     buffer.drain(..).for_each(|r| batch.push(r));
+                    batch_due = None;
                     self.flush(batch).await;
                 }
                 () = std::future::ready(()), if replay_due => {
@@ -120,18 +135,6 @@ impl Writer {
                 batches = self.spool.pending_records(),
                 "stopping with readings still in the spool; they are replayed at the next start"
             );
-        }
-    }
-
-    /// Waits up to the batch delay for the batch to fill.
-    async fn fill(&self, buffer: &mut Vec<Record>, records: &mut mpsc::Receiver<Record>) {
-        let deadline = tokio::time::Instant::now() + self.max_delay;
-        while buffer.len() < self.max_rows {
-            let room = self.max_rows - buffer.len();
-            match tokio::time::timeout_at(deadline, records.recv_many(buffer, room)).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
         }
     }
 

@@ -8,4 +8,5 @@ mod faults;
 mod grafana;
 mod ingest;
 mod legacy;
+mod recovery;
 mod support;

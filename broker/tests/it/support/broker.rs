@@ -196,6 +196,13 @@ impl BrokerProcess {
 
 impl Drop for BrokerProcess {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- co2-broker log ({}):\n{}",
+                self.log_path.display(),
+                self.log()
+            );
+        }
         let _ = self.child.kill(); // already gone when terminate/kill ran
         let _ = self.child.wait();
     }
