@@ -8,5 +8,6 @@ mod faults;
 mod grafana;
 mod ingest;
 mod legacy;
+mod metrics;
 mod recovery;
 mod support;
