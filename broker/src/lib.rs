@@ -5,10 +5,13 @@
 //! ([`ingest::classify`]) → bounded queue → [`storage::Writer`] → database, or the on-disk
 //! spool while the database is away → storage ack on `ack/<device>`.
 
+pub mod auth;
+pub mod guard;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod mqtt;
+pub mod passwd;
 pub mod settings;
 pub mod storage;
 pub mod throttle;
@@ -66,7 +69,7 @@ pub async fn run(
         );
     }
 
-    let mut broker = EmbeddedBroker::start(&settings).await?;
+    let mut broker = EmbeddedBroker::start(&settings, metrics.clone()).await?;
     let listeners: Vec<String> = settings
         .listeners()
         .map(|(v, l)| {

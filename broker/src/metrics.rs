@@ -37,6 +37,16 @@ pub struct IngestMetrics {
     pub acks_dropped: AtomicU64,
     batch_latency: Histogram,
     batch_rows: Histogram,
+    /// MQTT CONNECTs refused by authentication: unknown device, wrong password, or a client
+    /// id that is not the username.
+    pub auth_refused: AtomicU64,
+    /// Connections closed by the guard before reaching the broker: over the connection limit,
+    /// no CONNECT in time, not MQTT, a failed TLS handshake, an invalid client id.
+    pub connections_refused: AtomicU64,
+    /// Packets larger than the listener's `max_payload_size`; the client is disconnected.
+    pub oversized_packets: AtomicU64,
+    /// Publishes or subscriptions outside the device's own topics; the client is disconnected.
+    pub topic_denied: AtomicU64,
 }
 
 /// Cumulative histogram in the Prometheus sense.

@@ -5,8 +5,13 @@
 //! no way to stop accepting. Start order matters: the ingest link subscribes to `co2/#` and
 //! its SubAck arrives *before* any listener opens, since rumqttd drops (after PUBACK!) every
 //! message published while no subscription matches.
+//!
+//! The configured listen addresses belong to the [`guard`](crate::guard), which vets every
+//! connection and forwards it to a rumqttd listener on a loopback port of its own; rumqttd's
+//! auth hook checks device passwords there (see [`crate::auth`]).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use co2_proto::{StorageAck, READINGS_FILTER};
@@ -14,7 +19,11 @@ use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
 use rumqttd::protocol::{v4::V4, v5::V5};
 use rumqttd::{LinkType, Notification, Router, Server};
 use tokio::task::JoinSet;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
+use crate::auth::{Authenticator, CredentialsError};
+use crate::guard::{Codec, Guard, GuardedListener};
+use crate::metrics::IngestMetrics;
 use crate::settings::Settings;
 
 /// Client id of the in-process subscriber that stores readings.
@@ -35,6 +44,18 @@ pub enum MqttError {
     },
     #[error("listener {name} stopped: {reason}")]
     ListenerStopped { name: String, reason: String },
+    #[error("listener {name}: TLS: {source}")]
+    Tls {
+        name: String,
+        source: crate::guard::tls::TlsError,
+    },
+    #[error("credentials file (co2.credentials_file): {0}")]
+    Credentials(#[from] CredentialsError),
+    #[error("no free loopback port for rumqttd's listener behind {name}: {source}")]
+    NoLoopbackPort {
+        name: String,
+        source: std::io::Error,
+    },
 }
 
 /// A running broker: its listeners, and the two ends of the ingest link.
@@ -47,7 +68,23 @@ pub struct EmbeddedBroker {
 }
 
 impl EmbeddedBroker {
-    pub async fn start(settings: &Settings) -> Result<Self, MqttError> {
+    pub async fn start(
+        settings: &Settings,
+        metrics: Arc<IngestMetrics>,
+    ) -> Result<Self, MqttError> {
+        let auth = match &settings.ingest.credentials_file {
+            Some(path) => Some(Authenticator::open(path, metrics.clone())?),
+            None => None,
+        };
+        for open in settings.open_to_the_network() {
+            tracing::warn!(
+                listener = %open.name,
+                listen = %open.listen,
+                "ANYONE WHO CAN REACH {} MAY PUBLISH AND READ EVERYTHING: no device credentials \
+                 (co2.credentials_file) and co2.allow_anonymous_remote = true",
+                open.listen
+            );
+        }
         let router_tx = Router::new(settings.mqtt.id, settings.mqtt.router.clone()).spawn();
         let (mut link_tx, mut link_rx, _connack) =
             LinkBuilder::new(INGEST_CLIENT_ID, router_tx.clone())
@@ -56,23 +93,74 @@ impl EmbeddedBroker {
         link_tx.subscribe(READINGS_FILTER).map_err(Box::new)?;
         wait_for_suback(&mut link_rx).await?;
 
-        // Bind-check first: `Server::start` binds inside its task, and a clear error before
-        // anything runs beats a listener that silently never came up.
-        for (_, listener) in settings.listeners() {
-            std::net::TcpListener::bind(listener.listen).map_err(|source| MqttError::Bind {
+        // The public ports first: a clear error before anything runs.
+        let mut public = Vec::new();
+        for (version, listener) in settings.listeners() {
+            let socket = tokio::net::TcpListener::bind(listener.listen)
+                .await
+                .map_err(|source| MqttError::Bind {
+                    name: listener.name.clone(),
+                    addr: listener.listen,
+                    source,
+                })?;
+            let tls = match &listener.tls {
+                Some(tls) => {
+                    Some(
+                        crate::guard::tls::acceptor(tls).map_err(|source| MqttError::Tls {
+                            name: listener.name.clone(),
+                            source,
+                        })?,
+                    )
+                }
+                None => None,
+            };
+            let upstream = free_loopback_port().map_err(|source| MqttError::NoLoopbackPort {
                 name: listener.name.clone(),
-                addr: listener.listen,
                 source,
             })?;
+            let guarded = GuardedListener {
+                name: listener.name.clone(),
+                codec: if version == 5 { Codec::V5 } else { Codec::V4 },
+                upstream,
+                tls,
+                connect_timeout: Duration::from_millis(
+                    listener.connections.connection_timeout_ms.into(),
+                ),
+                max_packet_size: listener.connections.max_payload_size,
+            };
+            // rumqttd's own listener: loopback, plain TCP (the guard did TLS), password check.
+            let mut inner = listener.clone();
+            inner.listen = upstream;
+            inner.tls = None;
+            if let Some(auth) = &auth {
+                let auth = auth.clone();
+                inner.set_auth_handler(move |client_id, username, password| {
+                    let auth = auth.clone();
+                    async move { auth.check(client_id, username, password).await }
+                });
+            }
+            public.push((version, socket, guarded, inner));
+        }
+        let guard = Guard::new(
+            auth.clone(),
+            settings.mqtt.router.max_connections.saturating_sub(1),
+            metrics,
+        );
+        let stop_watching = CancellationToken::new();
+        if let Some(auth) = &auth {
+            auth.clone().watch(stop_watching.clone());
         }
         let mut tasks = JoinSet::new();
-        for (version, listener) in settings.listeners() {
+        for (version, socket, guarded, listener) in public {
             let name = format!(
                 "{} (MQTT {}) on {}",
-                listener.name,
+                guarded.name,
                 if version == 5 { "5" } else { "3.1.1" },
-                listener.listen
+                socket.local_addr().map_or(guarded.upstream, |a| a)
             );
+            let serve = guard.clone().serve(socket, Arc::new(guarded));
+            let guard_name = name.clone();
+            tasks.spawn(async move { (guard_name, Err(serve.await.to_string())) });
             let (config, router_tx, addr) = (listener.clone(), router_tx.clone(), listener.listen);
             let mut poisoned = rumqttd_panics::subscribe();
             tasks.spawn(async move {
@@ -109,11 +197,21 @@ impl EmbeddedBroker {
             });
         }
         Ok(Self {
-            listeners: Listeners { tasks },
+            listeners: Listeners {
+                tasks,
+                _auth_watch: stop_watching.drop_guard(),
+            },
             ingest: link_rx,
             acks: AckPublisher { link: link_tx },
         })
     }
+}
+
+/// A loopback port for one of rumqttd's listeners behind the guard. rumqttd binds it itself,
+/// so the port is picked here and released; another process grabbing it in between fails the
+/// start with a clear bind error from the listener.
+fn free_loopback_port() -> std::io::Result<SocketAddr> {
+    std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?.local_addr()
 }
 
 /// After an aborted accept loop its socket closes asynchronously; wait (briefly) until the
@@ -186,6 +284,8 @@ async fn wait_for_suback(link_rx: &mut LinkRx) -> Result<(), MqttError> {
 /// until the process ends, so their last messages can still be drained.
 pub struct Listeners {
     tasks: JoinSet<(String, Result<(), String>)>,
+    /// Stops reloading the credentials file when the listeners go.
+    _auth_watch: DropGuard,
 }
 
 impl Listeners {

@@ -69,6 +69,16 @@ pub struct IngestSettings {
     pub shutdown_grace_ms: u64,
     /// Address of the `/metrics`, `/healthz` and `/readyz` endpoint; empty turns it off.
     pub http_listen: String,
+    /// Device credentials (`<device>:<argon2 hash>` lines, edited with `co2-broker passwd`).
+    /// Set: every MQTT client must log in as a device, with client id = username, and may only
+    /// use its own topics. Unset: anonymous, and only loopback listeners are allowed.
+    pub credentials_file: Option<PathBuf>,
+    /// Let listeners on other interfaces than loopback run without credentials: an open broker
+    /// anyone on the network can use. Off by default; logged as a warning at every start.
+    pub allow_anonymous_remote: bool,
+    /// A file holding the database URL (e.g. a secret mounted outside git); when set it wins
+    /// over `database_url`.
+    pub database_url_file: Option<PathBuf>,
 }
 
 impl Default for IngestSettings {
@@ -91,6 +101,9 @@ impl Default for IngestSettings {
             max_future_skew_ms: 24 * 3600 * 1000,
             shutdown_grace_ms: 3_000,
             http_listen: "127.0.0.1:9883".into(),
+            credentials_file: None,
+            allow_anonymous_remote: false,
+            database_url_file: None,
         }
     }
 }
@@ -218,6 +231,16 @@ impl Settings {
             Err(config::ConfigError::NotFound(_)) => IngestSettings::default(),
             Err(e) => return Err(load_err(e)),
         };
+        let mut ingest: IngestSettings = ingest;
+        if let Some(file) = &ingest.database_url_file {
+            let url = std::fs::read_to_string(file).map_err(|e| {
+                invalid(
+                    "co2.database_url_file",
+                    format!("cannot read {}: {e}", file.display()),
+                )
+            })?;
+            ingest.database_url = DatabaseUrl::new(url.trim());
+        }
         let settings = Self {
             mqtt,
             ingest,
@@ -312,7 +335,29 @@ impl Settings {
                 "configure at least one [v4.*] or [v5.*] listener",
             ));
         }
+        if i.credentials_file.is_none() && !i.allow_anonymous_remote {
+            if let Some((_, open)) = self.listeners().find(|(_, l)| !l.listen.ip().is_loopback()) {
+                return Err(invalid(
+                    "co2.credentials_file",
+                    format!(
+                        "listener {} listens on {}, beyond this machine, but no device credentials are configured: \
+                         set co2.credentials_file (see `co2-broker passwd add`), or co2.allow_anonymous_remote = true \
+                         to run an open broker on purpose",
+                        open.name, open.listen
+                    ),
+                ));
+            }
+        }
         for (_, listener) in self.listeners() {
+            if let Some(rumqttd::TlsConfig::NativeTls { .. }) = &listener.tls {
+                return Err(invalid(
+                    "v4/v5.*.tls",
+                    format!(
+                        "listener {}: pkcs12 is not supported; use certpath and keypath (PEM)",
+                        listener.name
+                    ),
+                ));
+            }
             if let Some(tls) = &listener.tls {
                 if !tls.validate_paths() {
                     return Err(invalid(
@@ -326,6 +371,18 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// Listeners reachable from other machines while anyone may connect: the operator's
+    /// explicit choice (`co2.allow_anonymous_remote`), warned about at start.
+    pub fn open_to_the_network(&self) -> Vec<&rumqttd::ServerSettings> {
+        if self.ingest.credentials_file.is_some() {
+            return Vec::new();
+        }
+        self.listeners()
+            .filter(|(_, l)| !l.listen.ip().is_loopback())
+            .map(|(_, l)| l)
+            .collect()
     }
 
     /// Every MQTT listener with its protocol version (4 = MQTT 3.1.1, 5 = MQTT 5).

@@ -10,4 +10,5 @@ mod ingest;
 mod legacy;
 mod metrics;
 mod recovery;
+mod security;
 mod support;
