@@ -47,6 +47,8 @@ pub struct IngestMetrics {
     pub oversized_packets: AtomicU64,
     /// Publishes or subscriptions outside the device's own topics; the client is disconnected.
     pub topic_denied: AtomicU64,
+    /// MQTT connections open now (gauge), counted by the guard in front of rumqttd.
+    pub mqtt_connections: AtomicU64,
 }
 
 /// Cumulative histogram in the Prometheus sense.

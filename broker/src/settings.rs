@@ -349,6 +349,16 @@ impl Settings {
             }
         }
         for (_, listener) in self.listeners() {
+            if listener.connections.auth.is_some() {
+                return Err(invalid(
+                    "v4/v5.*.connections.auth",
+                    format!(
+                        "listener {}: plain-text passwords in the config are not supported; \
+                         use co2.credentials_file (co2-broker passwd add <device>)",
+                        listener.name
+                    ),
+                ));
+            }
             if let Some(rumqttd::TlsConfig::NativeTls { .. }) = &listener.tls {
                 return Err(invalid(
                     "v4/v5.*.tls",

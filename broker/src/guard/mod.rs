@@ -127,6 +127,24 @@ fn throttled(slot: &Mutex<Option<Throttle>>) -> Option<u64> {
         .ready()
 }
 
+/// Keeps `mqtt_connections` right however the connection task ends.
+struct OpenConnection<'a>(&'a IngestMetrics);
+
+impl<'a> OpenConnection<'a> {
+    fn count(metrics: &'a IngestMetrics) -> Self {
+        IngestMetrics::add(&metrics.mqtt_connections, 1);
+        Self(metrics)
+    }
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0
+            .mqtt_connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// How a guarded connection ended.
 #[derive(Debug)]
 enum End {
@@ -200,6 +218,7 @@ impl Guard {
         config: Arc<GuardedListener>,
         _slot: OwnedSemaphorePermit,
     ) {
+        let _open = OpenConnection::count(&self.metrics);
         let deadline = Instant::now() + config.connect_timeout;
         let (end, peer) = match &config.tls {
             Some(acceptor) => {

@@ -589,6 +589,10 @@ async fn connections_beyond_the_limit_are_refused_and_counted() {
     };
     let _first = connect(addr, &login("first"), None).await.unwrap();
     let _second = connect(addr, &login("second"), None).await.unwrap();
+    eventually(Duration::from_secs(5), "two open connections", || async {
+        (count(&broker.metrics.mqtt_connections) == 2).then_some(())
+    })
+    .await;
     assert!(connect(addr, &login("third"), None).await.is_err());
     assert!(count(&broker.metrics.connections_refused) >= 1);
     drop(_first);
