@@ -89,7 +89,7 @@ impl Default for IngestSettings {
             data_dir: PathBuf::from("data"),
             legacy_timezone: "UTC".into(),
             batch_max_rows: 1000,
-            batch_max_delay_ms: 20,
+            batch_max_delay_ms: 10,
             queue_capacity: 65_536,
             db_write_timeout_ms: 5_000,
             db_retry_interval_ms: 1_000,
