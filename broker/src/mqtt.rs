@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::auth::{Authenticator, CredentialsError};
-use crate::guard::{Codec, Guard, GuardedListener};
+use crate::guard::{Codec, Guard, GuardedListener, Upstream};
 use crate::metrics::IngestMetrics;
 use crate::settings::Settings;
 
@@ -114,14 +114,14 @@ impl EmbeddedBroker {
                 }
                 None => None,
             };
-            let upstream = free_loopback_port().map_err(|source| MqttError::NoLoopbackPort {
+            let upstream = loopback_port().map_err(|source| MqttError::NoLoopbackPort {
                 name: listener.name.clone(),
                 source,
             })?;
             let guarded = GuardedListener {
                 name: listener.name.clone(),
                 codec: if version == 5 { Codec::V5 } else { Codec::V4 },
-                upstream,
+                upstream: Upstream::new(upstream),
                 tls,
                 connect_timeout: Duration::from_millis(
                     listener.connections.connection_timeout_ms.into(),
@@ -156,15 +156,18 @@ impl EmbeddedBroker {
                 "{} (MQTT {}) on {}",
                 guarded.name,
                 if version == 5 { "5" } else { "3.1.1" },
-                socket.local_addr().map_or(guarded.upstream, |a| a)
+                socket.local_addr().map_or(guarded.upstream.get(), |a| a)
             );
+            let upstream = guarded.upstream.clone();
             let serve = guard.clone().serve(socket, Arc::new(guarded));
             let guard_name = name.clone();
             tasks.spawn(async move { (guard_name, Err(serve.await.to_string())) });
-            let (config, router_tx, addr) = (listener.clone(), router_tx.clone(), listener.listen);
+            let (mut config, router_tx) = (listener.clone(), router_tx.clone());
             let mut poisoned = rumqttd_panics::subscribe();
             tasks.spawn(async move {
+                let mut port_retries = 0;
                 loop {
+                    config.listen = upstream.get();
                     let (config, router_tx) = (config.clone(), router_tx.clone());
                     let mut server = tokio::spawn(async move {
                         if version == 5 {
@@ -175,6 +178,17 @@ impl EmbeddedBroker {
                     });
                     tokio::select! {
                         result = &mut server => {
+                            // Another process took the loopback port since it was picked:
+                            // pick another (the guard follows `upstream`).
+                            if let Ok(Err(e)) = &result {
+                                if is_addr_in_use(e) && port_retries < 20 {
+                                    port_retries += 1;
+                                    if let Ok(addr) = loopback_port() {
+                                        upstream.set(addr);
+                                    }
+                                    continue;
+                                }
+                            }
                             let reason = match result {
                                 Ok(Ok(())) => "accept loop ended".to_owned(),
                                 Ok(Err(e)) => e.to_string(),
@@ -190,7 +204,7 @@ impl EmbeddedBroker {
                                 "rumqttd panicked while accepting a connection (rumqttd 0.20 bug, upstream issue #1062); \
                                  restarting this listener so that new clients can connect; open connections are unaffected"
                             );
-                            wait_until_bindable(addr).await;
+                            wait_until_bindable(upstream.get()).await;
                         }
                     }
                 }
@@ -207,11 +221,47 @@ impl EmbeddedBroker {
     }
 }
 
-/// A loopback port for one of rumqttd's listeners behind the guard. rumqttd binds it itself,
-/// so the port is picked here and released; another process grabbing it in between fails the
-/// start with a clear bind error from the listener.
-fn free_loopback_port() -> std::io::Result<SocketAddr> {
-    std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?.local_addr()
+/// A loopback address for one of rumqttd's listeners behind the guard. rumqttd binds it
+/// itself, so the port is only picked here: at random below the kernel's ephemeral range
+/// (where other programs, and tests, get their `:0` ports), never twice in this process, and
+/// bindable right now. Should another process take it before rumqttd binds it, the listener's
+/// supervisor picks another.
+fn loopback_port() -> std::io::Result<SocketAddr> {
+    use argon2::password_hash::rand_core::{OsRng, RngCore};
+    use std::sync::Mutex;
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let mut last_error = None;
+    for _ in 0..100 {
+        let port = 20_000 + (OsRng.next_u32() % 12_000) as u16;
+        if handed_out.contains(&port) {
+            continue;
+        }
+        let addr = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+        match std::net::TcpListener::bind(addr) {
+            Ok(_) => {
+                handed_out.push(port);
+                return Ok(addr);
+            }
+            Err(e) => last_error = Some(e),
+        }
+    }
+    // Everything tried is busy: let the kernel choose.
+    match std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)) {
+        Ok(listener) => listener.local_addr(),
+        Err(e) => Err(last_error.unwrap_or(e)),
+    }
+}
+
+fn is_addr_in_use(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::AddrInUse;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// After an aborted accept loop its socket closes asynchronously; wait (briefly) until the

@@ -93,12 +93,29 @@ pub struct GuardedListener {
     pub name: String,
     pub codec: Codec,
     /// rumqttd's loopback listener for this one.
-    pub upstream: SocketAddr,
+    pub upstream: Arc<Upstream>,
     pub tls: Option<TlsAcceptor>,
     /// TLS handshake and CONNECT must both arrive within this.
     pub connect_timeout: Duration,
     /// Largest accepted packet (MQTT remaining length), as rumqttd's `max_payload_size`.
     pub max_packet_size: usize,
+}
+
+/// Where rumqttd's loopback listener behind a public one is. Its port is picked at start and
+/// picked again if another process took it first, so the guard looks it up per connection.
+#[derive(Debug)]
+pub struct Upstream(std::sync::RwLock<SocketAddr>);
+
+impl Upstream {
+    pub fn new(addr: SocketAddr) -> Arc<Self> {
+        Arc::new(Self(std::sync::RwLock::new(addr)))
+    }
+    pub fn get(&self) -> SocketAddr {
+        *self.0.read().unwrap_or_else(|e| e.into_inner())
+    }
+    pub fn set(&self, addr: SocketAddr) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = addr;
+    }
 }
 
 /// State shared by all public listeners.
@@ -361,10 +378,10 @@ impl Guard {
             peer.device = Some(username);
         }
 
-        let mut upstream = match connect_upstream(config.upstream).await {
+        let mut upstream = match connect_upstream(&config.upstream).await {
             Ok(upstream) => upstream,
             Err(e) => {
-                tracing::error!(listener = %config.name, upstream = %config.upstream, error = %e, "rumqttd's loopback listener is unreachable");
+                tracing::error!(listener = %config.name, upstream = %config.upstream.get(), error = %e, "rumqttd's loopback listener is unreachable");
                 let _ = client_tx
                     .write_all(&config.codec.connack(ConnectReturnCode::ServiceUnavailable))
                     .await; // closing either way
@@ -378,30 +395,42 @@ impl Guard {
 
         // rumqttd → client: unchanged.
         let downstream = tokio::io::copy(&mut upstream_rx, &mut client_tx);
-        // client → rumqttd: packet by packet, checked.
+        // client → rumqttd: packet by packet, checked; every packet already received goes
+        // out in one write (one syscall per read, not per packet, under a burst).
         let checked = async {
             let mut aliases = std::collections::HashMap::<u16, String>::new();
+            let mut checked = BytesMut::new();
             loop {
-                let frame = match next_frame(&mut client_rx, &mut buf, config.codec, max).await {
-                    Ok(Some(frame)) => frame,
-                    Ok(None) => return End::Closed,
-                    Err(FrameError::Oversized(n)) => return End::Oversized(n),
-                    Err(FrameError::Io(_)) => return End::Closed,
-                    Err(e) => return End::Refused(format!("not MQTT: {e}")),
-                };
-                if let Some(device) = &peer.device {
-                    match config.codec.decode(&frame, max) {
-                        Ok(packet) => {
-                            if let Err(denied) = authorize(device, &packet, &mut aliases) {
-                                return denied;
+                let mut frame = next_frame(&mut client_rx, &mut buf, config.codec, max).await;
+                loop {
+                    let frame_bytes = match frame {
+                        Ok(Some(frame)) => frame,
+                        Ok(None) => return End::Closed,
+                        Err(FrameError::Oversized(n)) => return End::Oversized(n),
+                        Err(FrameError::Io(_)) => return End::Closed,
+                        Err(e) => return End::Refused(format!("not MQTT: {e}")),
+                    };
+                    if let Some(device) = &peer.device {
+                        match config.codec.decode(&frame_bytes, max) {
+                            Ok(packet) => {
+                                if let Err(denied) = authorize(device, &packet, &mut aliases) {
+                                    return denied;
+                                }
                             }
+                            Err(e) => return End::Refused(format!("malformed packet: {e}")),
                         }
-                        Err(e) => return End::Refused(format!("malformed packet: {e}")),
                     }
+                    checked.extend_from_slice(&frame_bytes);
+                    frame = match buffered_frame(&buf, config.codec, max) {
+                        Ok(Some(len)) => Ok(Some(buf.split_to(len).freeze())),
+                        Ok(None) => break,
+                        Err(e) => Err(e),
+                    };
                 }
-                if upstream_tx.write_all(&frame).await.is_err() {
+                if upstream_tx.write_all(&checked).await.is_err() {
                     return End::Closed;
                 }
+                checked.clear();
             }
         };
         let revoked = async {
@@ -478,6 +507,16 @@ enum FrameError {
     Io(#[from] std::io::Error),
 }
 
+/// The length of the complete packet at the start of `buf`, `None` if more bytes are needed.
+fn buffered_frame(buf: &[u8], codec: Codec, max: usize) -> Result<Option<usize>, FrameError> {
+    match codec.frame_len(buf, max) {
+        Ok(len) => Ok(Some(len)),
+        Err(protocol::Error::InsufficientBytes(_)) => Ok(None),
+        Err(protocol::Error::PayloadSizeLimitExceeded(n)) => Err(FrameError::Oversized(n)),
+        Err(e) => Err(FrameError::Protocol(e)),
+    }
+}
+
 /// The next complete packet (fixed header included), or `None` at a clean end of stream.
 /// Reads at most one packet plus 4 KiB ahead, so a client cannot make the guard buffer more
 /// than `max` bytes.
@@ -488,13 +527,8 @@ async fn next_frame<R: AsyncRead + Unpin>(
     max: usize,
 ) -> Result<Option<Bytes>, FrameError> {
     loop {
-        match codec.frame_len(buf, max) {
-            Ok(len) => return Ok(Some(buf.split_to(len).freeze())),
-            Err(protocol::Error::InsufficientBytes(_)) => {}
-            Err(protocol::Error::PayloadSizeLimitExceeded(n)) => {
-                return Err(FrameError::Oversized(n))
-            }
-            Err(e) => return Err(FrameError::Protocol(e)),
+        if let Some(len) = buffered_frame(buf, codec, max)? {
+            return Ok(Some(buf.split_to(len).freeze()));
         }
         buf.reserve(4096);
         if reader.read_buf(buf).await? == 0 {
@@ -507,10 +541,10 @@ async fn next_frame<R: AsyncRead + Unpin>(
     }
 }
 
-async fn connect_upstream(addr: SocketAddr) -> std::io::Result<TcpStream> {
+async fn connect_upstream(upstream: &Upstream) -> std::io::Result<TcpStream> {
     let give_up = Instant::now() + UPSTREAM_CONNECT_PATIENCE;
     loop {
-        match TcpStream::connect(addr).await {
+        match TcpStream::connect(upstream.get()).await {
             Ok(stream) => {
                 let _ = stream.set_nodelay(true); // latency only
                 return Ok(stream);

@@ -318,7 +318,12 @@ async fn a_device_cannot_use_another_devices_topics() {
     .await
     .expect("storage ack for pi-7");
 
-    let devices = stored_devices(&url).await;
+    // The ack may come from the spool on a loaded machine; the database follows.
+    let devices = eventually(Duration::from_secs(10), "pi-7's reading stored", || async {
+        let devices = stored_devices(&url).await;
+        (!devices.is_empty()).then_some(devices)
+    })
+    .await;
     assert_eq!(
         devices,
         vec!["pi-7".to_string()],
@@ -655,4 +660,85 @@ fn listening_beyond_loopback_needs_credentials_or_an_explicit_opt_out() {
     let _ = child.wait();
     assert!(warned.contains("WARN"), "{warned}");
     assert!(warned.contains("ANYONE WHO CAN REACH"), "{warned}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_rules_hold_over_mqtt_5() {
+    use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode as Code5, Packet as Packet5};
+    use rumqttc::v5::{
+        mqttbytes::QoS as QoS5, AsyncClient as Client5, Event as Event5, EventLoop as Events5,
+        MqttOptions as Options5,
+    };
+    async fn until5(events: &mut Events5, wanted: impl Fn(&Packet5) -> bool) -> Result<(), String> {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match events.poll().await {
+                    Ok(Event5::Incoming(packet)) if wanted(&packet) => return Ok(()),
+                    Ok(_) => continue,
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        })
+        .await
+        .map_err(|_| "neither answer nor disconnect within 10 s".to_string())?
+    }
+    let connected = |p: &Packet5| matches!(p, Packet5::ConnAck(a) if a.code == Code5::Success);
+    let dir = tempfile::tempdir().unwrap();
+    let creds = credentials_file(dir.path(), &[("pi-7", "seven")]);
+    let url = sqlite_url(dir.path());
+    let broker = TestBroker::start_with(
+        &url,
+        &format!("credentials_file = {:?}", creds.display().to_string()),
+    )
+    .await;
+    let addr = broker.setup.v5;
+    let client = |client_id: &str, password: &str| {
+        let mut options = Options5::new(client_id, addr.ip().to_string(), addr.port());
+        options.set_credentials("pi-7", password);
+        Client5::new(options, 10)
+    };
+
+    let (_c, mut events) = client("pi-7", "wrong");
+    assert!(
+        until5(&mut events, connected).await.is_err(),
+        "wrong password"
+    );
+    let (_c, mut events) = client("pi-8", "seven");
+    assert!(
+        until5(&mut events, connected).await.is_err(),
+        "client id != username"
+    );
+
+    let (c, mut events) = client("pi-7", "seven");
+    c.publish("co2/pi-8", QoS5::AtLeastOnce, false, r#"{"value":1}"#)
+        .await
+        .unwrap();
+    assert!(
+        until5(&mut events, |p| matches!(p, Packet5::PubAck(_)))
+            .await
+            .is_err(),
+        "publish as pi-8"
+    );
+    let (c, mut events) = client("pi-7", "seven");
+    c.subscribe("#", QoS5::AtLeastOnce).await.unwrap();
+    assert!(
+        until5(&mut events, |p| matches!(p, Packet5::SubAck(_)))
+            .await
+            .is_err(),
+        "subscribe to #"
+    );
+
+    let (c, mut events) = client("pi-7", "seven");
+    c.publish("co2/pi-7", QoS5::AtLeastOnce, false, r#"{"value":614}"#)
+        .await
+        .unwrap();
+    until5(&mut events, |p| matches!(p, Packet5::PubAck(_)))
+        .await
+        .expect("own topic over MQTT 5");
+    eventually(Duration::from_secs(10), "pi-7's reading stored", || async {
+        (stored_devices(&url).await == vec!["pi-7".to_string()]).then_some(())
+    })
+    .await;
+    assert_eq!(count(&broker.metrics.topic_denied), 2);
+    broker.stop().await;
 }
