@@ -8,6 +8,7 @@ pub use sea_orm_migration::prelude::*;
 
 pub mod database_url;
 mod m20261124_000001_readings;
+mod m20261124_000002_last_seen_index;
 
 pub use m20261124_000001_readings::{LEGACY_BACKUP_TABLE, LEGACY_DEVICE_ID};
 
@@ -16,6 +17,9 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261124_000001_readings::Migration)]
+        vec![
+            Box::new(m20261124_000001_readings::Migration),
+            Box::new(m20261124_000002_last_seen_index::Migration),
+        ]
     }
 }
