@@ -11,20 +11,28 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://data/co2.db?mode=rwc";
 /// Config file both programs read unless `CO2_CONFIG` names another.
 pub const DEFAULT_CONFIG_PATH: &str = "rumqttd.toml";
 
-/// Resolves the URL the way the broker does (for the CLI, which has no other settings).
+/// Resolves the URL the way the broker does (for the CLI, which has no other settings):
+/// a `database_url_file` (from `CO2_DATABASE_URL_FILE` or the config) wins, then
+/// `CO2_DATABASE_URL`, then `[co2].database_url`, then the default.
 pub fn resolve() -> Result<String, config::ConfigError> {
-    if let Ok(url) = std::env::var("CO2_DATABASE_URL") {
-        return Ok(url);
-    }
     let path = std::env::var("CO2_CONFIG").unwrap_or_else(|_| DEFAULT_CONFIG_PATH.into());
     let file = config::Config::builder()
         .add_source(config::File::with_name(&path).required(false))
         .build()?;
-    match file.get_string("co2.database_url") {
-        Ok(url) => Ok(url),
-        Err(config::ConfigError::NotFound(_)) => Ok(DEFAULT_DATABASE_URL.into()),
-        Err(e) => Err(e),
+    let setting = |env: &str, key: &str| match std::env::var(env) {
+        Ok(value) => Ok(Some(value)),
+        Err(_) => match file.get_string(key) {
+            Ok(value) => Ok(Some(value)),
+            Err(config::ConfigError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        },
+    };
+    if let Some(url_file) = setting("CO2_DATABASE_URL_FILE", "co2.database_url_file")? {
+        return std::fs::read_to_string(&url_file)
+            .map(|url| url.trim().to_owned())
+            .map_err(|e| config::ConfigError::Message(format!("co2.database_url_file: cannot read {url_file}: {e}")));
     }
+    Ok(setting("CO2_DATABASE_URL", "co2.database_url")?.unwrap_or_else(|| DEFAULT_DATABASE_URL.into()))
 }
 
 /// The URL with any password replaced by `***`, fit for logs.
