@@ -30,9 +30,14 @@ pub fn resolve() -> Result<String, config::ConfigError> {
     if let Some(url_file) = setting("CO2_DATABASE_URL_FILE", "co2.database_url_file")? {
         return std::fs::read_to_string(&url_file)
             .map(|url| url.trim().to_owned())
-            .map_err(|e| config::ConfigError::Message(format!("co2.database_url_file: cannot read {url_file}: {e}")));
+            .map_err(|e| {
+                config::ConfigError::Message(format!(
+                    "co2.database_url_file: cannot read {url_file}: {e}"
+                ))
+            });
     }
-    Ok(setting("CO2_DATABASE_URL", "co2.database_url")?.unwrap_or_else(|| DEFAULT_DATABASE_URL.into()))
+    Ok(setting("CO2_DATABASE_URL", "co2.database_url")?
+        .unwrap_or_else(|| DEFAULT_DATABASE_URL.into()))
 }
 
 /// The URL with any password replaced by `***`, fit for logs.
