@@ -118,6 +118,12 @@ impl EmbeddedBroker {
                 name: listener.name.clone(),
                 source,
             })?;
+            tracing::info!(
+                listener = %listener.name,
+                public = %listener.listen,
+                rumqttd = %upstream,
+                "guard listening; rumqttd behind it on loopback"
+            );
             let guarded = GuardedListener {
                 name: listener.name.clone(),
                 codec: if version == 5 { Codec::V5 } else { Codec::V4 },

@@ -1,13 +1,16 @@
 //! rumqttd 0.20 poisons a listener when a client id that failed its handshake connects again
-//! (upstream bytebeamio/rumqtt#1062): afterwards the listener accepts no client at all. The
-//! broker notices the panic and restarts the listener; this test provokes the bug for real.
+//! (upstream bytebeamio/rumqtt#1062): afterwards that listener accepts no client at all. The
+//! guard refuses the client ids that trigger it, but a local process can still reach rumqttd's
+//! loopback port; the broker then notices the panic and restarts the listener. This test
+//! provokes the bug for real, on the real binary (a separate process, so that the panic hook
+//! does not touch the other tests' brokers).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
-use crate::support::broker::TestBroker;
+use crate::support::broker::{config_file, BrokerProcess};
 use crate::support::{db, eventually, unique_client_id};
 
 /// Connects with `client_id` and publishes one reading at QoS 1; Ok once PUBACKed.
@@ -33,26 +36,51 @@ async fn try_publish(addr: SocketAddr, client_id: &str, payload: &str) -> Result
     acked
 }
 
+/// rumqttd's loopback address behind the guard of listener `name`, from the start log.
+fn rumqttd_address(log: &str, name: &str) -> SocketAddr {
+    log.lines()
+        .filter(|l| {
+            l.contains("rumqttd behind it on loopback") && l.contains(&format!("listener={name}"))
+        })
+        .find_map(|l| {
+            l.split_whitespace()
+                .find_map(|f| f.strip_prefix("rumqttd=")?.parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no loopback address for {name} in the log:\n{log}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poisoned_rumqttd_listener_is_restarted_and_serves_again() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/co2.db?mode=rwc", dir.path().display());
-    let broker = TestBroker::start(&url).await;
-    let addr = broker.setup.v4;
+    let setup = config_file(dir.path(), &url, "");
+    let broker = BrokerProcess::spawn(&setup).await;
+    let inner = rumqttd_address(&broker.log(), "test-v4");
 
-    // The router refuses a client id with '/', after rumqttd registered its will sender; the
-    // second attempt with the same id panics inside rumqttd and poisons the listener.
+    // Straight to rumqttd: the router refuses a client id with '/' after rumqttd registered
+    // its will sender; the second attempt with the same id panics and poisons the listener.
     for _ in 0..2 {
-        let refused = try_publish(addr, "bad/client", r#"{"value":1}"#).await;
+        let refused = try_publish(inner, "bad/client", r#"{"value":1}"#).await;
         assert!(refused.is_err(), "rumqttd refuses client ids with '/'");
     }
+    eventually(
+        Duration::from_secs(10),
+        "the broker to notice the panic",
+        || async {
+            broker
+                .log()
+                .contains("restarting this listener")
+                .then_some(())
+        },
+    )
+    .await;
 
-    // New, well-behaved clients are served again once the listener has been restarted.
+    // New, well-behaved clients are served again, through the guard.
     eventually(
         Duration::from_secs(20),
         "a new client to be served",
         || async {
-            try_publish(addr, &unique_client_id("survivor"), r#"{"value":612}"#)
+            try_publish(setup.v4, &unique_client_id("survivor"), r#"{"value":612}"#)
                 .await
                 .ok()
         },
@@ -71,5 +99,6 @@ async fn a_poisoned_rumqttd_listener_is_restarted_and_serves_again() {
         },
     )
     .await;
-    broker.stop().await;
+    let (code, log) = broker.terminate();
+    assert_eq!(code, Some(0), "{log}");
 }

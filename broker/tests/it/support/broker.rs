@@ -97,6 +97,7 @@ impl TestBroker {
 
     /// Starts on an existing setup (to restart on the same data dir and ports).
     pub async fn start_in(setup: BrokerSetup) -> Self {
+        capture_logs();
         let settings =
             Settings::load(&setup.config_path, std::iter::empty()).expect("valid test config");
         let metrics = Arc::new(IngestMetrics::default());
@@ -129,6 +130,18 @@ impl TestBroker {
             self._dir.take(),
         )
     }
+}
+
+/// In-process brokers log through the test writer, so a failing test shows what its broker
+/// said (and passing tests stay quiet).
+fn capture_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing_subscriber::fmt() // another harness may have installed one already
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info,rumqttd=warn"))
+            .with_test_writer()
+            .try_init();
+    });
 }
 
 fn empty_setup() -> BrokerSetup {
