@@ -17,6 +17,9 @@ use crate::support::broker::{config_file, TestBroker};
 use crate::support::{db, eventually, unique_client_id};
 
 /// Writes a credentials file with cheap Argon2 parameters (the hash string carries them).
+/// Name of the credentials file the tests write into their temp dir.
+const CREDENTIALS_FILE: &str = "devices.passwd";
+
 fn credentials_file(dir: &Path, devices: &[(&str, &str)]) -> PathBuf {
     let cheap = argon2::Params::new(8, 1, 1, None).unwrap();
     let mut credentials = Credentials::default();
@@ -25,13 +28,23 @@ fn credentials_file(dir: &Path, devices: &[(&str, &str)]) -> PathBuf {
             .set(device, hash_password_with(password, cheap.clone()).unwrap())
             .unwrap();
     }
-    let path = dir.join("devices.passwd");
+    let path = dir.join(CREDENTIALS_FILE);
     credentials.save(&path).unwrap();
     path
 }
 
 fn sqlite_url(dir: &Path) -> String {
     format!("sqlite://{}/co2.db?mode=rwc", dir.display())
+}
+
+/// An in-process broker on SQLite in `dir` that knows exactly `devices`.
+async fn broker_with_devices(dir: &Path, devices: &[(&str, &str)]) -> TestBroker {
+    let creds = credentials_file(dir, devices);
+    TestBroker::start_with(
+        &sqlite_url(dir),
+        &format!("credentials_file = {:?}", creds.display().to_string()),
+    )
+    .await
 }
 
 struct Login<'a> {
@@ -131,13 +144,8 @@ fn count(counter: &std::sync::atomic::AtomicU64) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_known_devices_with_their_own_client_id_get_in() {
     let dir = tempfile::tempdir().unwrap();
-    let creds = credentials_file(dir.path(), &[("pi-7", "seven"), ("pi-8", "eight")]);
+    let broker = broker_with_devices(dir.path(), &[("pi-7", "seven"), ("pi-8", "eight")]).await;
     let url = sqlite_url(dir.path());
-    let broker = TestBroker::start_with(
-        &url,
-        &format!("credentials_file = {:?}", creds.display().to_string()),
-    )
-    .await;
     {
         let addr = broker.setup.v4;
         let anonymous = Login {
@@ -188,12 +196,8 @@ async fn only_known_devices_with_their_own_client_id_get_in() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_come_and_go_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let creds = credentials_file(dir.path(), &[("pi-7", "seven"), ("pi-8", "eight")]);
-    let broker = TestBroker::start_with(
-        &sqlite_url(dir.path()),
-        &format!("credentials_file = {:?}", creds.display().to_string()),
-    )
-    .await;
+    let broker = broker_with_devices(dir.path(), &[("pi-7", "seven"), ("pi-8", "eight")]).await;
+    let creds = dir.path().join(CREDENTIALS_FILE);
     let addr = broker.setup.v4;
     let (_client, mut events) = connect(addr, &device("pi-8", "eight"), None)
         .await
@@ -244,13 +248,8 @@ async fn devices_come_and_go_without_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_cannot_use_another_devices_topics() {
     let dir = tempfile::tempdir().unwrap();
-    let creds = credentials_file(dir.path(), &[("pi-7", "seven"), ("pi-8", "eight")]);
+    let broker = broker_with_devices(dir.path(), &[("pi-7", "seven"), ("pi-8", "eight")]).await;
     let url = sqlite_url(dir.path());
-    let broker = TestBroker::start_with(
-        &url,
-        &format!("credentials_file = {:?}", creds.display().to_string()),
-    )
-    .await;
     let addr = broker.setup.v4;
 
     // Publishing as someone else, or outside co2/<own id>, costs the connection.
@@ -715,13 +714,8 @@ async fn the_same_rules_hold_over_mqtt_5() {
     }
     let connected = |p: &Packet5| matches!(p, Packet5::ConnAck(a) if a.code == Code5::Success);
     let dir = tempfile::tempdir().unwrap();
-    let creds = credentials_file(dir.path(), &[("pi-7", "seven")]);
+    let broker = broker_with_devices(dir.path(), &[("pi-7", "seven")]).await;
     let url = sqlite_url(dir.path());
-    let broker = TestBroker::start_with(
-        &url,
-        &format!("credentials_file = {:?}", creds.display().to_string()),
-    )
-    .await;
     let addr = broker.setup.v5;
     let client = |client_id: &str, password: &str| {
         let mut options = Options5::new(client_id, addr.ip().to_string(), addr.port());
