@@ -337,13 +337,12 @@ impl Guard {
         if peer.client_id.contains(['/', '+', '#', '$'])
             || peer.client_id.contains(char::is_control)
         {
-            let _ = client_tx
-                .write_all(
-                    &config
-                        .codec
-                        .connack(ConnectReturnCode::ClientIdentifierNotValid),
-                )
-                .await; // refused either way
+            refuse_connect(
+                &mut client_tx,
+                config.codec,
+                ConnectReturnCode::ClientIdentifierNotValid,
+            )
+            .await;
             return (
                 End::Refused("client id contains '/', '+', '#', '$' or a control character".into()),
                 Some(peer),
@@ -351,28 +350,33 @@ impl Guard {
         }
         if self.auth.is_some() {
             let Some(username) = username else {
-                let _ = client_tx
-                    .write_all(&config.codec.connack(ConnectReturnCode::BadUserNamePassword))
-                    .await; // refused either way
+                refuse_connect(
+                    &mut client_tx,
+                    config.codec,
+                    ConnectReturnCode::BadUserNamePassword,
+                )
+                .await;
                 return (End::Unauthenticated("no username and password"), Some(peer));
             };
             if username != peer.client_id {
-                let _ = client_tx
-                    .write_all(
-                        &config
-                            .codec
-                            .connack(ConnectReturnCode::ClientIdentifierNotValid),
-                    )
-                    .await; // refused either way
+                refuse_connect(
+                    &mut client_tx,
+                    config.codec,
+                    ConnectReturnCode::ClientIdentifierNotValid,
+                )
+                .await;
                 return (
                     End::Unauthenticated("client id must equal the username"),
                     Some(peer),
                 );
             }
             if let Some(topic) = will_topic.filter(|t| !acl::may_publish(&username, t)) {
-                let _ = client_tx
-                    .write_all(&config.codec.connack(ConnectReturnCode::NotAuthorized))
-                    .await; // refused either way
+                refuse_connect(
+                    &mut client_tx,
+                    config.codec,
+                    ConnectReturnCode::NotAuthorized,
+                )
+                .await;
                 return (End::Denied(format!("will topic {topic}")), Some(peer));
             }
             peer.device = Some(username);
@@ -382,9 +386,12 @@ impl Guard {
             Ok(upstream) => upstream,
             Err(e) => {
                 tracing::error!(listener = %config.name, upstream = %config.upstream.get(), error = %e, "rumqttd's loopback listener is unreachable");
-                let _ = client_tx
-                    .write_all(&config.codec.connack(ConnectReturnCode::ServiceUnavailable))
-                    .await; // closing either way
+                refuse_connect(
+                    &mut client_tx,
+                    config.codec,
+                    ConnectReturnCode::ServiceUnavailable,
+                )
+                .await;
                 return (End::Closed, Some(peer));
             }
         };
@@ -539,6 +546,16 @@ async fn next_frame<R: AsyncRead + Unpin>(
             };
         }
     }
+}
+
+/// Answers a CONNECT the guard will not forward; the connection is closed right after, so a
+/// client that is already gone changes nothing.
+async fn refuse_connect<W: AsyncWrite + Unpin>(
+    client_tx: &mut W,
+    codec: Codec,
+    code: ConnectReturnCode,
+) {
+    let _ = client_tx.write_all(&codec.connack(code)).await; // closing either way
 }
 
 async fn connect_upstream(upstream: &Upstream) -> std::io::Result<TcpStream> {
