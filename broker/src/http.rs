@@ -159,6 +159,26 @@ pub fn render_metrics(m: &IngestMetrics) -> String {
             "Storage acks that could not be published.",
             &m.acks_dropped,
         ),
+        (
+            "co2_auth_refused_total",
+            "CONNECTs refused for missing or wrong credentials.",
+            &m.auth_refused,
+        ),
+        (
+            "co2_connections_refused_total",
+            "Connections refused: limit, CONNECT timeout, not MQTT, TLS failure, invalid client id.",
+            &m.connections_refused,
+        ),
+        (
+            "co2_oversized_packets_total",
+            "Packets larger than max_payload_size (the connection is closed).",
+            &m.oversized_packets,
+        ),
+        (
+            "co2_topic_denied_total",
+            "Publishes, subscriptions and wills outside a device's own topics (the connection is closed).",
+            &m.topic_denied,
+        ),
     ];
     for (name, help, counter) in counters {
         let _ = writeln!(
@@ -182,6 +202,11 @@ pub fn render_metrics(m: &IngestMetrics) -> String {
             "co2_spool_batches",
             "Batches in the spool waiting for the database.",
             &m.spool_batches,
+        ),
+        (
+            "co2_mqtt_connections",
+            "MQTT client connections open now.",
+            &m.mqtt_connections,
         ),
     ];
     for (name, help, gauge) in gauges {
@@ -235,5 +260,7 @@ mod tests {
         assert!(text.contains("co2_batch_commit_seconds_bucket{le=\"0.002\"} 0\n"));
         assert!(text.contains("co2_batch_rows_count 1\n"));
         assert!(text.contains("# TYPE co2_database_up gauge\n"));
+        assert!(text.contains("co2_mqtt_connections 0\n"));
+        assert!(text.contains("co2_topic_denied_total 0\n"));
     }
 }

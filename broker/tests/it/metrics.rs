@@ -78,10 +78,17 @@ async fn metrics_count_what_was_sent() {
         ("co2_messages_rejected_total", 3.0),
         ("co2_spooled_total", 0.0),
         ("co2_database_up", 1.0),
+        ("co2_auth_refused_total", 0.0),
+        ("co2_connections_refused_total", 0.0),
     ];
     for (name, value) in expect {
         assert_eq!(scrape(http, name).await, Some(value), "{name}");
     }
+    // The publisher has disconnected: no connection is left open.
+    eventually(Duration::from_secs(5), "no open MQTT connection", || async {
+        (scrape(http, "co2_mqtt_connections").await == Some(0.0)).then_some(())
+    })
+    .await;
     let (status, body) = http_get(http, "/metrics").await;
     assert_eq!(status, 200);
     assert!(
