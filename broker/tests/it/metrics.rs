@@ -85,9 +85,11 @@ async fn metrics_count_what_was_sent() {
         assert_eq!(scrape(http, name).await, Some(value), "{name}");
     }
     // The publisher has disconnected: no connection is left open.
-    eventually(Duration::from_secs(5), "no open MQTT connection", || async {
-        (scrape(http, "co2_mqtt_connections").await == Some(0.0)).then_some(())
-    })
+    eventually(
+        Duration::from_secs(5),
+        "no open MQTT connection",
+        || async { (scrape(http, "co2_mqtt_connections").await == Some(0.0)).then_some(()) },
+    )
     .await;
     let (status, body) = http_get(http, "/metrics").await;
     assert_eq!(status, 200);
