@@ -14,8 +14,10 @@ use co2_proto::{SeqRanges, StorageAck};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use super::database::is_unreachable;
 use super::{Database, Spool, SpoolError, WriteOutcome};
-use crate::ingest::{Batch, Record};
+use crate::ingest::record::truncate_utf8;
+use crate::ingest::{Batch, Reading, Record, Rejection};
 use crate::metrics::IngestMetrics;
 use crate::mqtt::AckPublisher;
 use crate::settings::IngestSettings;
@@ -46,8 +48,17 @@ pub struct Writer {
 /// A finished database write and the batch it carried (spooled if the write failed).
 struct WriteAttempt {
     batch: Batch,
-    result: Result<WriteOutcome, String>,
+    result: Result<WriteOutcome, WriteFailure>,
     elapsed: Duration,
+}
+
+/// Why a write did not happen.
+struct WriteFailure {
+    message: String,
+    /// The database answered, and said no (a constraint, a trigger, a value it will not take),
+    /// as opposed to not answering. Retrying such a batch would fail forever and block the
+    /// spool behind it, so its rows are written one by one instead (see `Writer::salvage`).
+    refused: bool,
 }
 
 impl Writer {
@@ -104,7 +115,7 @@ impl Writer {
             // Unbiased: under sustained input, replay and completions still get their turn.
             tokio::select! {
                 Some(done) = self.in_flight.join_next(), if !self.in_flight.is_empty() => {
-                    self.finish(done);
+                    self.finish(done).await;
                 }
                 received = records.recv_many(&mut buffer, room), if input_open && room > 0 => {
                     if received == 0 {
@@ -126,7 +137,7 @@ impl Writer {
             }
         }
         while let Some(done) = self.in_flight.join_next().await {
-            self.finish(done);
+            self.finish(done).await;
         }
         let deadline = Instant::now() + grace;
         while !self.spool.is_empty() && Instant::now() < deadline && self.replay_one().await {}
@@ -146,7 +157,7 @@ impl Writer {
         } else if self.schema_pending {
             // Migrating must happen once, before any write: no concurrency until it has.
             let done = self.attempt(batch).await;
-            self.finish(Ok(done));
+            self.finish(Ok(done)).await;
         } else {
             let attempt = self.attempt(batch);
             self.in_flight.spawn(attempt);
@@ -171,8 +182,16 @@ impl Writer {
             };
             let result = match tokio::time::timeout(timeout, write).await {
                 Ok(Ok(outcome)) => Ok(outcome),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("no answer within {timeout:?}")),
+                Ok(Err(e)) => Err(WriteFailure {
+                    message: e.to_string(),
+                    // While migrations are pending every write fails the same way; only a
+                    // database with our schema can refuse a row.
+                    refused: !schema_pending && !is_unreachable(&e),
+                }),
+                Err(_) => Err(WriteFailure {
+                    message: format!("no answer within {timeout:?}"),
+                    refused: false,
+                }),
             };
             WriteAttempt {
                 batch,
@@ -182,8 +201,9 @@ impl Writer {
         }
     }
 
-    /// Books a finished write: counts and acks it, or spools its batch if it failed.
-    fn finish(&mut self, done: Result<WriteAttempt, tokio::task::JoinError>) {
+    /// Books a finished write: counts and acks it, salvages it row by row if the database
+    /// refused it, or spools it if the database did not answer.
+    async fn finish(&mut self, done: Result<WriteAttempt, tokio::task::JoinError>) {
         let done = match done {
             Ok(done) => done,
             // Only a panic inside SeaORM/sqlx gets here; its batch is gone with the task.
@@ -202,9 +222,68 @@ impl Writer {
                 self.count_written(&done.batch, outcome, false);
                 self.ack(&done.batch);
             }
-            Err(error) => {
-                self.database_failed(&error);
+            Err(failure) if failure.refused => self.salvage(done.batch, &failure.message).await,
+            Err(failure) => {
+                self.database_failed(&failure.message);
                 self.spool_batch(done.batch);
+            }
+        }
+    }
+
+    /// Writes a batch the database refused one row at a time: every row it takes is stored,
+    /// every row it refuses is recorded in `rejected_messages` with the database's reason, and
+    /// both are acked (resending a refused reading cannot help). If the database stops
+    /// answering meanwhile, what is left goes to the spool.
+    async fn salvage(&mut self, batch: Batch, error: &str) {
+        tracing::warn!(
+            %error,
+            readings = batch.readings.len(),
+            rejections = batch.rejections.len(),
+            "the database refused a batch; writing its rows one by one"
+        );
+        let mut rows: Vec<Record> = batch.readings.into_iter().map(Record::Reading).collect();
+        rows.extend(batch.rejections.into_iter().map(Record::Rejection));
+        let mut rows = rows.into_iter();
+        while let Some(row) = rows.next() {
+            let mut single = Batch::default();
+            single.push(row.clone());
+            let done = self.attempt(single).await;
+            match done.result {
+                Ok(outcome) => {
+                    self.count_written(&done.batch, outcome, false);
+                    self.ack(&done.batch);
+                }
+                Err(failure) if failure.refused => match row {
+                    Record::Reading(reading) => {
+                        let rejection = refused_reading(&reading, &failure.message);
+                        IngestMetrics::add(&self.metrics.rejected, 1);
+                        tracing::warn!(device = %reading.device_id, reason = %rejection.reason, "reading recorded as rejected");
+                        let done = self
+                            .attempt(Batch {
+                                readings: vec![],
+                                rejections: vec![rejection],
+                            })
+                            .await;
+                        if let Err(failure) = done.result {
+                            tracing::error!(error = %failure.message, device = %reading.device_id, "cannot record a reading the database refused; it is lost");
+                        }
+                        self.ack(&Batch {
+                            readings: vec![reading],
+                            rejections: vec![],
+                        });
+                    }
+                    Record::Rejection(rejection) => {
+                        tracing::error!(error = %failure.message, topic = %rejection.topic, reason = %rejection.reason, "the database refused a rejected message; it is lost");
+                    }
+                },
+                Err(failure) => {
+                    self.database_failed(&failure.message);
+                    let mut rest = Batch::default();
+                    rest.push(row);
+                    rows.for_each(|r| rest.push(r));
+                    self.spool_batch(rest);
+                    return;
+                }
             }
         }
     }
@@ -270,12 +349,25 @@ impl Writer {
                 self.metrics.database_up.store(1, Relaxed);
                 (done.batch, outcome)
             }
-            Err(error) => {
-                self.database_failed(&error);
+            Err(failure) if failure.refused => {
+                // Salvaged row by row (or, if the database went away meanwhile, spooled
+                // again behind the rest): either way this record is done.
+                IngestMetrics::add(&self.metrics.replayed, done.batch.len());
+                self.salvage(done.batch, &failure.message).await;
+                self.pop_replayed();
+                return true;
+            }
+            Err(failure) => {
+                self.database_failed(&failure.message);
                 return false;
             }
         };
         self.count_written(&batch, outcome, true);
+        self.pop_replayed();
+        true
+    }
+
+    fn pop_replayed(&mut self) {
         if let Err(e) = tokio::task::block_in_place(|| self.spool.pop_oldest()) {
             tracing::error!(error = %e, "cannot advance the spool; the batch will be replayed again (harmless)");
             self.next_db_attempt = Instant::now() + self.retry_interval;
@@ -284,7 +376,6 @@ impl Writer {
         if self.spool.is_empty() {
             tracing::info!("spool replayed completely");
         }
-        true
     }
 
     fn publish_spool_size(&self) {
@@ -321,5 +412,19 @@ impl Writer {
                 IngestMetrics::add(&self.metrics.acks_dropped, 1);
             }
         }
+    }
+}
+
+/// A reading the database would not take, as a rejection: its fields (there is no raw payload
+/// any more) and the database's reason.
+fn refused_reading(reading: &Reading, error: &str) -> Rejection {
+    let payload = serde_json::to_string(reading).unwrap_or_default();
+    let reason = format!("database refused the reading: {error}");
+    Rejection {
+        received_at: reading.received_at,
+        topic: truncate_utf8(&reading.topic, Rejection::MAX_TOPIC_BYTES).to_owned(),
+        payload: truncate_utf8(&payload, Rejection::MAX_PAYLOAD_BYTES).to_owned(),
+        payload_bytes: u32::try_from(payload.len()).unwrap_or(u32::MAX),
+        reason: truncate_utf8(&reason, Rejection::MAX_REASON_BYTES).to_owned(),
     }
 }

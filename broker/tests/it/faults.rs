@@ -373,3 +373,61 @@ async fn redelivered_readings_are_stored_once() {
     assert_eq!(stored_identities(&url).await.1, 301);
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reading_the_database_refuses_is_recorded_and_blocks_nothing() {
+    let url = MariaDb::shared().create_database("refuse").await;
+    let broker = TestBroker::start(&url).await;
+    let conn = db::connect(&url).await;
+    // A real refusal from the real database: a trigger that rejects one value (as a policy, a
+    // constraint or a full disk would reject a statement while the server stays up).
+    conn.execute_unprepared(
+        "CREATE TRIGGER refuse_4242 BEFORE INSERT ON co2_emissions FOR EACH ROW \
+         IF NEW.emissions = 4242 THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'refused by policy'; END IF",
+    )
+    .await
+    .unwrap();
+    let mut messages = readings("pi-refuse", 0, 50);
+    messages.insert(
+        25,
+        (
+            "co2/pi-refuse".into(),
+            br#"{"value":4242,"seq":999}"#.to_vec(),
+        ),
+    );
+    mqtt::publish_all(
+        broker.setup.v4,
+        "pi-refuse-1".into(),
+        QoS::AtLeastOnce,
+        messages,
+    )
+    .await;
+    wait_for_rows(&url, 50, Duration::from_secs(30)).await;
+    let rejected = eventually(
+        Duration::from_secs(10),
+        "the refused reading recorded",
+        || async {
+            let r = db::rejections(&conn).await;
+            (r.len() == 1).then_some(r)
+        },
+    )
+    .await;
+    assert!(
+        rejected[0].reason.contains("refused by policy"),
+        "{:?}",
+        rejected[0]
+    );
+    assert!(rejected[0].payload.contains("4242"), "{:?}", rejected[0]);
+    // Nothing is stuck behind it: later readings are stored at once, nothing was spooled.
+    mqtt::publish_all(
+        broker.setup.v4,
+        "pi-refuse-2".into(),
+        QoS::AtLeastOnce,
+        readings("pi-refuse", 50, 10),
+    )
+    .await;
+    wait_for_rows(&url, 60, Duration::from_secs(10)).await;
+    assert_eq!(broker.metrics.spooled.load(Relaxed), 0);
+    assert_eq!(broker.metrics.rejected.load(Relaxed), 1);
+    broker.stop().await;
+}
