@@ -1,9 +1,10 @@
 //! co2-broker: an MQTT broker (embedded rumqttd) that stores every reading published under
 //! `co2/#` in a database, in one process.
 //!
-//! Data path: MQTT clients → [`guard`] (authentication, topic rules, limits, TLS) → rumqttd router → ingest link ([`ingest::link`]) → classify
-//! ([`ingest::classify`]) → bounded queue → [`storage::Writer`] → database, or the on-disk
-//! spool while the database is away → storage ack on `ack/<device>`.
+//! Data path: MQTT clients → [`guard`] (authentication, topic rules, limits, TLS) → rumqttd
+//! router → ingest link ([`ingest::link`]) → classify ([`ingest::classify`]) → bounded queue →
+//! [`storage::Writer`] → database, or the on-disk spool while the database is away → storage
+//! ack on `ack/<device>`.
 
 pub mod auth;
 pub mod guard;

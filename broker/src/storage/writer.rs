@@ -1,8 +1,10 @@
 //! The writer task: batches records, writes them to the database, falls back to the spool,
 //! replays the spool, and acks what is durable.
 //!
-//! Ordering: while the spool holds anything, new batches are appended behind it, so readings
-//! reach the database in the order they were received even across an outage. Replay and new
+//! Ordering: up to `db_writers` batches are written at once, so rows of neighbouring batches
+//! may commit in either order (every row carries its own times). While the spool holds
+//! anything, new batches are appended behind it and the spool is replayed oldest first, one
+//! batch at a time, so an outage never reorders readings by more than that. Replay and new
 //! input alternate, so a long replay never stalls the MQTT side.
 
 use std::collections::HashMap;
