@@ -114,30 +114,39 @@ impl Database {
             return None;
         }
         let backend = self.backend();
-        let mut insert = Query::insert();
-        insert.into_table(co2_emissions::Entity).columns([
+        // Most sensors measure CO2 only: leaving the two climate columns out of such batches
+        // saves 2 of 9 bound parameters per row, which the database pays for per parameter.
+        let with_climate = readings
+            .iter()
+            .any(|r| r.temperature_c.is_some() || r.humidity_pct.is_some());
+        let mut columns = vec![
             C::DateTime,
             C::Emissions,
             C::DeviceId,
             C::Topic,
             C::ReceivedAt,
             C::Seq,
-            C::Temperature,
-            C::Humidity,
             C::DedupKey,
-        ]);
+        ];
+        if with_climate {
+            columns.extend([C::Temperature, C::Humidity]);
+        }
+        let mut insert = Query::insert();
+        insert.into_table(co2_emissions::Entity).columns(columns);
         for r in readings {
-            insert.values_panic([
+            let mut values = vec![
                 r.measured_at.into(),
                 r.co2_ppm.into(),
                 r.device_id.as_str().into(),
                 r.topic.as_str().into(),
                 r.received_at.into(),
                 r.seq.into(),
-                r.temperature_c.into(),
-                r.humidity_pct.into(),
                 r.dedup_key.as_str().into(),
-            ]);
+            ];
+            if with_climate {
+                values.extend([r.temperature_c.into(), r.humidity_pct.into()]);
+            }
+            insert.values_panic(values);
         }
         if backend != DbBackend::MySql {
             insert.on_conflict(
