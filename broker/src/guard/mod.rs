@@ -43,6 +43,8 @@ use crate::throttle::Throttle;
 /// How long a connection waits for rumqttd's loopback listener (it is restarted after a
 /// rumqttd panic, see `mqtt::rumqttd_panics`).
 const UPSTREAM_CONNECT_PATIENCE: Duration = Duration::from_secs(5);
+/// How long a finished client connection waits for rumqttd to close its side first.
+const UPSTREAM_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// The MQTT version of a listener, i.e. which codec frames its packets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -454,9 +456,21 @@ impl Guard {
                 _ => std::future::pending().await,
             }
         };
+        tokio::pin!(downstream);
         let end = tokio::select! {
-            _ = downstream => End::Closed,
-            end = checked => end,
+            _ = &mut downstream => End::Closed,
+            end = checked => {
+                if matches!(end, End::Closed) {
+                    // Let rumqttd close first. It reuses connection ids at once, and if the
+                    // upstream socket closed while its router still handled the client's
+                    // DISCONNECT, the connection task would send a second, late disconnect
+                    // for an id the next client may already have, dropping that client. After
+                    // a DISCONNECT rumqttd closes within milliseconds; a client that simply
+                    // vanished is closed after the grace.
+                    let _ = tokio::time::timeout(UPSTREAM_CLOSE_GRACE, &mut downstream).await;
+                }
+                end
+            }
             () = revoked => End::Revoked,
         };
         (end, Some(peer))

@@ -124,11 +124,18 @@ async fn subscriber(
     let options = MqttOptions::new(id, addr.ip().to_string(), addr.port());
     let (client, mut events) = AsyncClient::new(options, 100);
     client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    let mut dropped_connects = 0;
     loop {
-        if let Event::Incoming(Packet::SubAck(_)) =
-            events.poll().await.expect("subscriber connects")
-        {
-            return (client, events);
+        match events.poll().await {
+            Ok(Event::Incoming(Packet::SubAck(_))) => return (client, events),
+            Ok(_) => {}
+            // See `mqtt::publish_all`: rumqttd may drop a CONNECT that races a disconnect.
+            Err(e) if dropped_connects < 5 => {
+                dropped_connects += 1;
+                eprintln!("subscriber {id}: CONNECT dropped ({e:?}); reconnecting");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("subscriber {id} cannot connect: {e:?}"),
         }
     }
 }

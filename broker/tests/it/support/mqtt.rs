@@ -44,11 +44,26 @@ pub async fn publish_all(
         }
         client
     });
-    let mut done = 0usize;
+    let (mut done, mut connected, mut refused_connects) = (0usize, false, 0);
     while done < expected {
-        match events.poll().await.unwrap_or_else(|e| {
-            panic!("MQTT connection to {addr} ({done} of {expected} acked) failed: {e:?}")
-        }) {
+        let event = match events.poll().await {
+            Ok(event) => event,
+            // rumqttd 0.20 reuses connection ids: a CONNECT that lands in the instant another
+            // client disconnects can be dropped by that client's late disconnect event. A real
+            // client reconnects; so does this one (rumqttc sends nothing before the CONNACK,
+            // so nothing is sent twice).
+            Err(e) if !connected && refused_connects < 5 => {
+                refused_connects += 1;
+                eprintln!("CONNECT to {addr} dropped ({e:?}); reconnecting");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(e) => {
+                panic!("MQTT connection to {addr} ({done} of {expected} acked) failed: {e:?}")
+            }
+        };
+        match event {
+            Event::Incoming(Packet::ConnAck(_)) => connected = true,
             Event::Incoming(Packet::PubAck(_)) if qos == QoS::AtLeastOnce => done += 1,
             Event::Outgoing(Outgoing::Publish(_)) if qos == QoS::AtMostOnce => done += 1,
             _ => {}
