@@ -216,11 +216,7 @@ impl Writer {
         };
         match done.result {
             Ok(outcome) => {
-                self.schema_pending = false;
-                self.metrics.observe_batch(done.batch.len(), done.elapsed);
-                if self.metrics.database_up.swap(1, Relaxed) == 0 {
-                    tracing::info!("database is reachable");
-                }
+                self.database_succeeded(done.batch.len(), done.elapsed);
                 self.count_written(&done.batch, outcome, false);
                 self.ack(&done.batch);
             }
@@ -290,6 +286,15 @@ impl Writer {
         }
     }
 
+    /// Books a committed batch: the schema is in place and the database is up.
+    fn database_succeeded(&mut self, rows: usize, elapsed: Duration) {
+        self.schema_pending = false;
+        self.metrics.observe_batch(rows, elapsed);
+        if self.metrics.database_up.swap(1, Relaxed) == 0 {
+            tracing::info!("database is reachable");
+        }
+    }
+
     fn database_failed(&mut self, error: &str) {
         self.metrics.database_up.store(0, Relaxed);
         self.next_db_attempt = Instant::now() + self.retry_interval;
@@ -346,9 +351,7 @@ impl Writer {
         let done = self.attempt(batch).await;
         let (batch, outcome) = match done.result {
             Ok(outcome) => {
-                self.schema_pending = false;
-                self.metrics.observe_batch(done.batch.len(), done.elapsed);
-                self.metrics.database_up.store(1, Relaxed);
+                self.database_succeeded(done.batch.len(), done.elapsed);
                 (done.batch, outcome)
             }
             Err(failure) if failure.refused => {
