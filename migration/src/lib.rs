@@ -9,6 +9,7 @@ pub use sea_orm_migration::prelude::*;
 pub mod database_url;
 mod m20261124_000001_readings;
 mod m20261124_000002_last_seen_index;
+mod m20261130_000003_devices;
 
 pub use m20261124_000001_readings::{LEGACY_BACKUP_TABLE, LEGACY_DEVICE_ID};
 
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261124_000001_readings::Migration),
             Box::new(m20261124_000002_last_seen_index::Migration),
+            Box::new(m20261130_000003_devices::Migration),
         ]
     }
 }

@@ -55,7 +55,7 @@ impl MigrationName for Migration {
 
 /// Millisecond timestamps: JSON readings carry milliseconds and MySQL's plain DATETIME would
 /// drop them. Stored values are always UTC.
-fn timestamp_ms(col: &mut ColumnDef, backend: DbBackend) -> &mut ColumnDef {
+pub(crate) fn timestamp_ms(col: &mut ColumnDef, backend: DbBackend) -> &mut ColumnDef {
     match backend {
         DbBackend::MySql => col.custom(Alias::new("DATETIME(3)")),
         _ => col.date_time(),
@@ -64,7 +64,7 @@ fn timestamp_ms(col: &mut ColumnDef, backend: DbBackend) -> &mut ColumnDef {
 
 /// utf8mb4 with a binary collation: device ids and topics are case-sensitive in MQTT, so
 /// `Pi-1` and `pi-1` must not collide in the unique key.
-fn mysql_table_options(table: &mut TableCreateStatement, backend: DbBackend) {
+pub(crate) fn mysql_table_options(table: &mut TableCreateStatement, backend: DbBackend) {
     if backend == DbBackend::MySql {
         table
             .engine("InnoDB")

@@ -1,9 +1,10 @@
 //! The database behind SeaORM: connect, migrate, and write one batch in one transaction.
 //!
 //! Readings are written as one multi-row INSERT that skips rows whose identity
-//! (`device_id`, `dedup_key`) is already stored: `INSERT IGNORE` on MySQL, `ON CONFLICT DO
+//! (`device_id`, `date_time`, `dedup_key`) is already stored: `INSERT IGNORE` on MySQL, `ON CONFLICT DO
 //! NOTHING` on SQLite. The affected-row count then tells stored from duplicate.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use migration::{Migrator, MigratorTrait};
@@ -13,6 +14,7 @@ use sea_orm::{
     TransactionTrait,
 };
 
+use super::devices::{self, DeviceActivity};
 use super::entities::{co2_emissions, rejected_messages};
 use crate::ingest::{Batch, Reading, Rejection};
 use crate::settings::DatabaseUrl;
@@ -50,6 +52,7 @@ pub struct WriteOutcome {
 #[derive(Clone)]
 pub struct Database {
     conn: DatabaseConnection,
+    activity: Arc<DeviceActivity>,
 }
 
 impl Database {
@@ -75,7 +78,10 @@ impl Database {
                     .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
             });
         let conn = sea_orm::Database::connect(options).await?;
-        Ok(Self { conn })
+        Ok(Self {
+            conn,
+            activity: Arc::default(),
+        })
     }
 
     pub async fn migrate(&self) -> Result<(), DbErr> {
@@ -90,7 +96,8 @@ impl Database {
         self.conn.get_database_backend()
     }
 
-    /// Writes every reading and rejection of `batch` in one transaction.
+    /// Writes every reading and rejection of `batch` in one transaction, with the `devices`
+    /// rows that are due (see [`super::devices`]).
     pub async fn write(&self, batch: &Batch) -> Result<WriteOutcome, DbErr> {
         let txn = self.conn.begin().await?;
         let stored = match self.insert_readings(&batch.readings) {
@@ -100,7 +107,14 @@ impl Database {
         if let Some(stmt) = self.insert_rejections(&batch.rejections) {
             txn.execute_raw(stmt).await?;
         }
+        // Last, so the device rows stay locked for as short a time as possible.
+        let seen = self.activity.due(&batch.readings);
+        if !seen.is_empty() {
+            txn.execute_raw(devices::upsert(self.backend(), &seen))
+                .await?;
+        }
         txn.commit().await?;
+        self.activity.written(seen);
         Ok(WriteOutcome {
             stored,
             duplicates: batch.readings.len() as u64 - stored,
@@ -150,7 +164,7 @@ impl Database {
         }
         if backend != DbBackend::MySql {
             insert.on_conflict(
-                OnConflict::columns([C::DeviceId, C::DedupKey])
+                OnConflict::columns([C::DeviceId, C::DateTime, C::DedupKey])
                     .do_nothing()
                     .to_owned(),
             );

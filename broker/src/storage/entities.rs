@@ -50,3 +50,23 @@ pub mod rejected_messages {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod devices {
+    //! One row per device that ever sent a reading: when it was first and last heard from.
+    //! Kept current by [`crate::storage::devices`].
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "devices")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub device_id: String,
+        pub first_seen: DateTime,
+        pub last_seen: DateTime,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

@@ -2,6 +2,7 @@
 //! while the database is away.
 
 pub mod database;
+pub mod devices;
 pub mod entities;
 pub mod spool;
 pub mod writer;
