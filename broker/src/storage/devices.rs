@@ -133,21 +133,31 @@ mod tests {
     #[test]
     fn a_device_is_due_once_per_resolution() {
         let activity = DeviceActivity::default();
-        let batch = [reading("b", 1_000), reading("a", 2_000), reading("b", 3_000)];
+        let batch = [
+            reading("b", 1_000),
+            reading("a", 2_000),
+            reading("b", 3_000),
+        ];
         let due = activity.due(&batch);
         assert_eq!(
             due.iter().map(|s| s.device_id.as_str()).collect::<Vec<_>>(),
             ["a", "b"],
             "every new device, in device order"
         );
-        assert_eq!((due[1].first, due[1].last), (batch[0].received_at, batch[2].received_at));
+        assert_eq!(
+            (due[1].first, due[1].last),
+            (batch[0].received_at, batch[2].received_at)
+        );
         // Not recorded until committed: a failed write leaves them due.
         assert_eq!(activity.due(&batch).len(), 2);
         activity.written(due);
 
         assert!(activity.due(&[reading("b", 7_999)]).is_empty());
         assert_eq!(activity.due(&[reading("b", 8_000)]).len(), 1);
-        assert!(activity.due(&[reading("a", 500)]).is_empty(), "older than what was written");
+        assert!(
+            activity.due(&[reading("a", 500)]).is_empty(),
+            "older than what was written"
+        );
     }
 
     #[test]
@@ -155,8 +165,14 @@ mod tests {
         let rows = DeviceActivity::default().due(&[reading("a", 1_000)]);
         let mysql = upsert(DbBackend::MySql, &rows).sql;
         assert!(mysql.contains("ON DUPLICATE KEY UPDATE"), "{mysql}");
-        assert!(mysql.contains("GREATEST(last_seen, VALUES(last_seen))"), "{mysql}");
+        assert!(
+            mysql.contains("GREATEST(last_seen, VALUES(last_seen))"),
+            "{mysql}"
+        );
         let sqlite = upsert(DbBackend::Sqlite, &rows).sql;
-        assert!(sqlite.contains("MAX(last_seen, excluded.last_seen)"), "{sqlite}");
+        assert!(
+            sqlite.contains("MAX(last_seen, excluded.last_seen)"),
+            "{sqlite}"
+        );
     }
 }

@@ -149,6 +149,14 @@ async fn seeded_database() -> (String, DateTime<Utc>) {
         ),
     )
     .await;
+    // What the broker's writer keeps for the readings it stores (storage::devices).
+    execute(
+        &mut conn,
+        "INSERT INTO devices (device_id, first_seen, last_seen) \
+         SELECT device_id, MIN(received_at), MAX(received_at) FROM co2_emissions \
+         WHERE device_id <> 'legacy' GROUP BY device_id",
+    )
+    .await;
     let rejected: Vec<String> = [
         (100, "co2", "400", "topic is not under co2/"),
         (
@@ -187,8 +195,39 @@ async fn seeded_database() -> (String, DateTime<Utc>) {
         ),
     )
     .await;
+    let url = read_only_account(&mut conn, &url).await;
     conn.close().await.ok(); // closing politely; the server drops it either way
     (url, now)
+}
+
+/// The read-only account grafana/README.md tells operators to create, with exactly its
+/// `GRANT`s (for the test database): every panel and alert must work with no more than that.
+/// Returns the account's URL.
+async fn read_only_account(conn: &mut MySqlConnection, admin_url: &str) -> String {
+    let (server, database) = admin_url.rsplit_once('/').expect("database in the URL");
+    let (_, host) = server.rsplit_once('@').expect("credentials in the URL");
+    let readme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../grafana/README.md"),
+    )
+    .expect("grafana/README.md");
+    let grants: Vec<&str> = readme
+        .lines()
+        .filter(|line| line.starts_with("GRANT "))
+        .collect();
+    assert!(grants.len() >= 3, "the README's GRANTs: {grants:?}");
+    let user = format!("'{database}'@'%'");
+    execute(
+        conn,
+        &format!("CREATE USER {user} IDENTIFIED BY 'read-only'"),
+    )
+    .await;
+    for grant in grants {
+        let grant = grant
+            .replace("sheroDB.", &format!("`{database}`."))
+            .replace("'grafana'@'%'", &user);
+        execute(conn, &grant).await;
+    }
+    format!("mysql://{database}:read-only@{host}/{database}")
 }
 
 /// A connection set up like the provisioned data source: session `time_zone` from its
@@ -550,7 +589,8 @@ async fn a_dashboard_with_wrong_sql_fails_the_check() {
                 "FROM co2_emissions r",
                 "FROM co2_readings r",
             ),
-            "doesn't exist",
+            // The read-only account is refused any table it was not granted, existing or not.
+            "SELECT command denied",
         ),
         (
             broken(

@@ -84,6 +84,24 @@ async fn every_payload_format_is_stored(url: &str) {
     );
     assert_eq!(bare.date_time, Some(bare.received_at));
 
+    // Each device's first batch writes its row in `devices`; the rejected one has none.
+    let devices = db::devices(&db).await;
+    assert_eq!(
+        devices
+            .iter()
+            .map(|d| d.device_id.as_str())
+            .collect::<Vec<_>>(),
+        ["pi-bare", "pi-epoch", "pi-json", "pi-legacy", "pi-v5"]
+    );
+    for device in &devices {
+        let reading = by_device(&device.device_id);
+        assert_eq!(
+            (device.first_seen, device.last_seen),
+            (reading.received_at, reading.received_at),
+            "{device:?}"
+        );
+    }
+
     let rejected = eventually(Duration::from_secs(5), "1 rejection", || async {
         let r = db::rejections(&db).await;
         (r.len() == 1).then_some(r)
@@ -179,4 +197,64 @@ async fn publish_v5(addr: std::net::SocketAddr, topic: &str, payload: &str) {
     .await
     .expect("PUBACK over MQTT 5");
     let _ = client.disconnect().await; // best effort: the test only needed the PUBACK
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_seen_only_moves_forward_in_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/co2.db?mode=rwc", dir.path().display());
+    last_seen_only_moves_forward(&url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_seen_only_moves_forward_in_mariadb() {
+    let url = MariaDb::shared().create_database("last_seen").await;
+    last_seen_only_moves_forward(&url).await;
+}
+
+/// `devices` through the writer's own database layer: a restarted broker replaying an older
+/// spooled batch must not move `last_seen` back, and a busy device is rewritten only every
+/// `storage::devices::RESOLUTION`.
+async fn last_seen_only_moves_forward(url: &str) {
+    use co2_broker::ingest::{Batch, Reading};
+    use co2_broker::settings::DatabaseUrl;
+    use co2_broker::storage::Database;
+
+    let at = |s: i64| {
+        chrono::DateTime::from_timestamp(1_764_500_000 + s, 0)
+            .unwrap()
+            .naive_utc()
+    };
+    let batch = |s: i64| Batch {
+        readings: vec![Reading {
+            device_id: "pi-1".into(),
+            topic: "co2/pi-1".into(),
+            measured_at: at(s),
+            received_at: at(s),
+            co2_ppm: 500.0,
+            seq: None,
+            temperature_c: None,
+            humidity_pct: None,
+            dedup_key: format!("t{s}"),
+        }],
+        rejections: Vec::new(),
+    };
+    let url = DatabaseUrl::new(url.to_owned());
+    let running = Database::connect(&url, 2).await.unwrap();
+    running.migrate().await.unwrap();
+    running.write(&batch(10)).await.unwrap();
+
+    // A second process (the broker after a restart) replays a batch spooled earlier.
+    let restarted = Database::connect(&url, 2).await.unwrap();
+    restarted.write(&batch(5)).await.unwrap();
+    let db = db::connect(url.expose()).await;
+    let row = &db::devices(&db).await[0];
+    assert_eq!((row.first_seen, row.last_seen), (at(5), at(10)));
+
+    // It wrote last_seen 5 itself, so 9 is within the resolution: not due.
+    restarted.write(&batch(9)).await.unwrap();
+    assert_eq!(db::devices(&db).await[0].last_seen, at(10));
+    restarted.write(&batch(12)).await.unwrap();
+    assert_eq!(db::devices(&db).await[0].last_seen, at(12));
+    assert_eq!(db::reading_count(&db).await, 4);
 }

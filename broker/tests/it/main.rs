@@ -10,5 +10,6 @@ mod ingest;
 mod legacy;
 mod metrics;
 mod recovery;
+mod schema;
 mod security;
 mod support;

@@ -1,6 +1,6 @@
 //! Reading back what the broker stored, through the broker's own SeaORM entities.
 
-use co2_broker::storage::entities::{co2_emissions, rejected_messages};
+use co2_broker::storage::entities::{co2_emissions, devices, rejected_messages};
 use sea_orm::{Database, DatabaseConnection, EntityTrait, PaginatorTrait, QueryOrder};
 
 pub async fn connect(url: &str) -> DatabaseConnection {
@@ -27,4 +27,12 @@ pub async fn rejections(db: &DatabaseConnection) -> Vec<rejected_messages::Model
         .all(db)
         .await
         .unwrap_or_default()
+}
+
+pub async fn devices(db: &DatabaseConnection) -> Vec<devices::Model> {
+    devices::Entity::find()
+        .order_by_asc(devices::Column::DeviceId)
+        .all(db)
+        .await
+        .expect("select devices")
 }

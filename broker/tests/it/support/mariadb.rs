@@ -77,7 +77,7 @@ impl MariaDb {
             dir.path().join("init.sql"),
             format!(
                 "CREATE USER IF NOT EXISTS '{USER}'@'127.0.0.1' IDENTIFIED BY '{PASSWORD}';\n\
-                 GRANT ALL ON *.* TO '{USER}'@'127.0.0.1';\n"
+                 GRANT ALL ON *.* TO '{USER}'@'127.0.0.1' WITH GRANT OPTION;\n"
             ),
         )
         .expect("init.sql");
