@@ -118,27 +118,15 @@ impl MigrationTrait for Migration {
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .create_index(index(
-                OLD_IDENTITY,
-                &[Co2Emissions::DeviceId, Co2Emissions::DedupKey],
-                true,
-            ))
-            .await?;
-        manager
-            .create_index(index(
-                OLD_DEVICE_TIME,
-                &[Co2Emissions::DeviceId, Co2Emissions::DateTime],
-                false,
-            ))
-            .await?;
-        manager
-            .create_index(index(
-                OLD_DEVICE_RECEIVED,
-                &[Co2Emissions::DeviceId, Co2Emissions::ReceivedAt],
-                false,
-            ))
-            .await?;
+        use Co2Emissions::{DateTime, DedupKey, DeviceId, ReceivedAt};
+        let old: [(&str, &[Co2Emissions], bool); 3] = [
+            (OLD_IDENTITY, &[DeviceId, DedupKey], true),
+            (OLD_DEVICE_TIME, &[DeviceId, DateTime], false),
+            (OLD_DEVICE_RECEIVED, &[DeviceId, ReceivedAt], false),
+        ];
+        for (name, columns, unique) in old {
+            manager.create_index(index(name, columns, unique)).await?;
+        }
         manager.drop_index(drop_index(IDENTITY)).await?;
         manager
             .drop_table(Table::drop().table(Devices::Table).to_owned())
