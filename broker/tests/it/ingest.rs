@@ -200,22 +200,22 @@ async fn publish_v5(addr: std::net::SocketAddr, topic: &str, payload: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn last_seen_only_moves_forward_in_sqlite() {
+async fn identity_and_last_seen_in_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/co2.db?mode=rwc", dir.path().display());
-    last_seen_only_moves_forward(&url).await;
+    identity_and_last_seen(&url).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn last_seen_only_moves_forward_in_mariadb() {
+async fn identity_and_last_seen_in_mariadb() {
     let url = MariaDb::shared().create_database("last_seen").await;
-    last_seen_only_moves_forward(&url).await;
+    identity_and_last_seen(&url).await;
 }
 
-/// `devices` through the writer's own database layer: a restarted broker replaying an older
-/// spooled batch must not move `last_seen` back, and a busy device is rewritten only every
-/// `storage::devices::RESOLUTION`.
-async fn last_seen_only_moves_forward(url: &str) {
+/// Through the writer's own database layer: a redelivered reading is stored once, a restarted
+/// broker replaying an older spooled batch must not move `devices.last_seen` back, and a busy
+/// device's row is rewritten only every `storage::devices::RESOLUTION`.
+async fn identity_and_last_seen(url: &str) {
     use co2_broker::ingest::{Batch, Reading};
     use co2_broker::settings::DatabaseUrl;
     use co2_broker::storage::Database;
@@ -247,14 +247,17 @@ async fn last_seen_only_moves_forward(url: &str) {
     // A second process (the broker after a restart) replays a batch spooled earlier.
     let restarted = Database::connect(&url, 2).await.unwrap();
     restarted.write(&batch(5)).await.unwrap();
+    // And one it had stored already: the identity key refuses it on either backend.
+    let again = restarted.write(&batch(10)).await.unwrap();
+    assert_eq!((again.stored, again.duplicates), (0, 1));
     let db = db::connect(url.expose()).await;
     let row = &db::devices(&db).await[0];
     assert_eq!((row.first_seen, row.last_seen), (at(5), at(10)));
 
-    // It wrote last_seen 5 itself, so 9 is within the resolution: not due.
-    restarted.write(&batch(9)).await.unwrap();
-    assert_eq!(db::devices(&db).await[0].last_seen, at(10));
+    // It last wrote last_seen 10 itself (with the duplicate), so 12 is within the resolution.
     restarted.write(&batch(12)).await.unwrap();
-    assert_eq!(db::devices(&db).await[0].last_seen, at(12));
+    assert_eq!(db::devices(&db).await[0].last_seen, at(10));
+    restarted.write(&batch(15)).await.unwrap();
+    assert_eq!(db::devices(&db).await[0].last_seen, at(15));
     assert_eq!(db::reading_count(&db).await, 4);
 }
