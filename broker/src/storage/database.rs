@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use migration::{Migrator, MigratorTrait};
-use sea_orm::sea_query::{OnConflict, Query};
+use sea_orm::sea_query::Query;
 use sea_orm::{
     ConnectOptions, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, RuntimeErr, Statement,
-    TransactionTrait,
+    TransactionTrait, Value,
 };
 
 use super::devices::{self, DeviceActivity};
-use super::entities::{co2_emissions, rejected_messages};
+use super::entities::rejected_messages;
 use crate::ingest::{Batch, Reading, Rejection};
 use crate::settings::DatabaseUrl;
 
@@ -122,8 +122,10 @@ impl Database {
         })
     }
 
+    /// The readings' INSERT, written out rather than built with sea-query: the builder copies
+    /// every value once more on its way into the statement, and with a thousand rows per batch
+    /// building was a fifth of the broker's CPU per reading at full load.
     fn insert_readings(&self, readings: &[Reading]) -> Option<Statement> {
-        use co2_emissions::Column as C;
         if readings.is_empty() {
             return None;
         }
@@ -133,22 +135,41 @@ impl Database {
         let with_climate = readings
             .iter()
             .any(|r| r.temperature_c.is_some() || r.humidity_pct.is_some());
-        let mut columns = vec![
-            C::DateTime,
-            C::Emissions,
-            C::DeviceId,
-            C::Topic,
-            C::ReceivedAt,
-            C::Seq,
-            C::DedupKey,
-        ];
-        if with_climate {
-            columns.extend([C::Temperature, C::Humidity]);
+        let (columns, row) = if with_climate {
+            (
+                "date_time, emissions, device_id, topic, received_at, seq, dedup_key, \
+                 temperature, humidity",
+                "(?,?,?,?,?,?,?,?,?)",
+            )
+        } else {
+            (
+                "date_time, emissions, device_id, topic, received_at, seq, dedup_key",
+                "(?,?,?,?,?,?,?)",
+            )
+        };
+        // MySQL: INSERT IGNORE, since ON DUPLICATE KEY UPDATE would count duplicates as
+        // affected rows (sqlx sets CLIENT_FOUND_ROWS). Both skip only rows the identity
+        // (device_id, date_time, dedup_key) already holds.
+        let (insert, on_conflict) = match backend {
+            DbBackend::MySql => ("INSERT IGNORE INTO", ""),
+            _ => (
+                "INSERT INTO",
+                " ON CONFLICT (device_id, date_time, dedup_key) DO NOTHING",
+            ),
+        };
+        let mut sql = format!("{insert} co2_emissions ({columns}) VALUES ");
+        sql.reserve(readings.len() * (row.len() + 1) + on_conflict.len());
+        for i in 0..readings.len() {
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str(row);
         }
-        let mut insert = Query::insert();
-        insert.into_table(co2_emissions::Entity).columns(columns);
+        sql.push_str(on_conflict);
+
+        let mut values: Vec<Value> = Vec::with_capacity(readings.len() * 9);
         for r in readings {
-            let mut values = vec![
+            values.extend([
                 r.measured_at.into(),
                 r.co2_ppm.into(),
                 r.device_id.as_str().into(),
@@ -156,26 +177,12 @@ impl Database {
                 r.received_at.into(),
                 r.seq.into(),
                 r.dedup_key.as_str().into(),
-            ];
+            ]);
             if with_climate {
                 values.extend([r.temperature_c.into(), r.humidity_pct.into()]);
             }
-            insert.values_panic(values);
         }
-        if backend != DbBackend::MySql {
-            insert.on_conflict(
-                OnConflict::columns([C::DeviceId, C::DateTime, C::DedupKey])
-                    .do_nothing()
-                    .to_owned(),
-            );
-        }
-        let mut stmt = backend.build(&insert);
-        if backend == DbBackend::MySql {
-            // sea-query has no INSERT IGNORE, and ON DUPLICATE KEY UPDATE would count
-            // duplicates as affected rows (sqlx sets CLIENT_FOUND_ROWS).
-            stmt.sql = stmt.sql.replacen("INSERT INTO", "INSERT IGNORE INTO", 1);
-        }
-        Some(stmt)
+        Some(Statement::from_sql_and_values(backend, sql, values))
     }
 
     fn insert_rejections(&self, rejections: &[Rejection]) -> Option<Statement> {
