@@ -7,8 +7,9 @@
 //! message published while no subscription matches.
 //!
 //! The configured listen addresses belong to the [`guard`](crate::guard), which vets every
-//! connection and forwards it to a rumqttd listener on a loopback port of its own; rumqttd's
-//! auth hook checks device passwords there (see [`crate::auth`]).
+//! connection and forwards it to a rumqttd listener on a loopback port of its own. With
+//! credentials, the guard checks device passwords and rumqttd's auth hook checks again what
+//! reaches its loopback port (see [`crate::auth`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;

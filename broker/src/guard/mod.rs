@@ -12,10 +12,13 @@
 //! 3. frames and decodes every packet the client sends with rumqttd's own codec
 //!    (`rumqttd::protocol`), refusing anything that is not MQTT or exceeds
 //!    `max_payload_size`;
-//! 4. with credentials configured: refuses a CONNECT without login or whose client id is not
-//!    its username, and checks every PUBLISH, SUBSCRIBE and will against [`acl`];
-//! 5. forwards the client's packets byte for byte to rumqttd, whose auth hook checks the
-//!    password, and copies rumqttd's answers back unchanged.
+//! 4. with credentials configured: refuses a CONNECT without login, whose client id is not
+//!    its username or whose password is wrong, each with a CONNACK that says so (rumqttd's
+//!    hook would only close the socket), and checks every PUBLISH, SUBSCRIBE and will
+//!    against [`acl`];
+//! 5. forwards the client's packets to rumqttd byte for byte (the CONNECT carries a token in
+//!    place of the password it checked, see [`Authenticator::vouch`]), and copies rumqttd's
+//!    answers back unchanged.
 //!
 //! A refused connection, an oversized packet and a denied topic each increment a counter in
 //! [`IngestMetrics`] and are logged (rate-limited to one line a second per kind, with the
@@ -67,6 +70,15 @@ impl Codec {
             Codec::V4 => protocol::v4::V4.read_mut(&mut frame, max),
             Codec::V5 => protocol::v5::V5.read_mut(&mut frame, max),
         }
+    }
+
+    fn encode(self, packet: Packet) -> Result<BytesMut, protocol::Error> {
+        let mut out = BytesMut::new();
+        match self {
+            Codec::V4 => protocol::v4::V4.write(packet, &mut out),
+            Codec::V5 => protocol::v5::V5.write(packet, &mut out),
+        }?;
+        Ok(out)
     }
 
     fn connack(self, code: ConnectReturnCode) -> BytesMut {
@@ -321,17 +333,19 @@ impl Guard {
             Ok(Err(FrameError::Oversized(n))) => return (End::Oversized(n), None),
             Ok(Err(e)) => return (End::Refused(format!("not MQTT: {e}")), None),
         };
-        let (client_id, username, will_topic) = match config.codec.decode(&connect, max) {
-            Ok(Packet::Connect(connect, _, will, _, login)) => (
-                connect.client_id,
-                login.map(|l| l.username),
-                will.map(|w| String::from_utf8_lossy(&w.topic).into_owned()),
-            ),
-            Ok(_) => return (End::Refused("first packet is not CONNECT".into()), None),
-            Err(e) => return (End::Refused(format!("invalid CONNECT: {e}")), None),
-        };
+        let (fields, properties, will, will_properties, login) =
+            match config.codec.decode(&connect, max) {
+                Ok(Packet::Connect(fields, properties, will, will_properties, login)) => {
+                    (fields, properties, will, will_properties, login)
+                }
+                Ok(_) => return (End::Refused("first packet is not CONNECT".into()), None),
+                Err(e) => return (End::Refused(format!("invalid CONNECT: {e}")), None),
+            };
+        let will_topic = will
+            .as_ref()
+            .map(|w| String::from_utf8_lossy(&w.topic).into_owned());
         let mut peer = Peer {
-            client_id,
+            client_id: fields.client_id.clone(),
             device: None,
         };
         // rumqttd refuses these only after registering the client, which can break its
@@ -350,8 +364,9 @@ impl Guard {
                 Some(peer),
             );
         }
-        if self.auth.is_some() {
-            let Some(username) = username else {
+        let mut connect = connect;
+        if let Some(auth) = &self.auth {
+            let Some(protocol::Login { username, password }) = login else {
                 refuse_connect(
                     &mut client_tx,
                     config.codec,
@@ -380,6 +395,30 @@ impl Guard {
                 )
                 .await;
                 return (End::Denied(format!("will topic {topic}")), Some(peer));
+            }
+            // Checked here, not only by rumqttd's hook, so that a wrong password gets a
+            // CONNACK saying so instead of a closed socket. rumqttd gets a token in place of
+            // the password and does not hash it again.
+            let vouched = match auth.vouch(&peer.client_id, &username, password).await {
+                Ok(token) => token,
+                Err(refusal) => {
+                    refuse_connect(
+                        &mut client_tx,
+                        config.codec,
+                        ConnectReturnCode::BadUserNamePassword,
+                    )
+                    .await;
+                    return (End::Unauthenticated(refusal.reason()), Some(peer));
+                }
+            };
+            let login = protocol::Login {
+                username: username.clone(),
+                password: vouched.to_owned(),
+            };
+            let rewritten = Packet::Connect(fields, properties, will, will_properties, Some(login));
+            match config.codec.encode(rewritten) {
+                Ok(rewritten) => connect = rewritten.freeze(),
+                Err(e) => return (End::Refused(format!("invalid CONNECT: {e}")), Some(peer)),
             }
             peer.device = Some(username);
         }

@@ -36,26 +36,13 @@ async fn try_publish(addr: SocketAddr, client_id: &str, payload: &str) -> Result
     acked
 }
 
-/// rumqttd's loopback address behind the guard of listener `name`, from the start log.
-fn rumqttd_address(log: &str, name: &str) -> SocketAddr {
-    log.lines()
-        .filter(|l| {
-            l.contains("rumqttd behind it on loopback") && l.contains(&format!("listener={name}"))
-        })
-        .find_map(|l| {
-            l.split_whitespace()
-                .find_map(|f| f.strip_prefix("rumqttd=")?.parse().ok())
-        })
-        .unwrap_or_else(|| panic!("no loopback address for {name} in the log:\n{log}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poisoned_rumqttd_listener_is_restarted_and_serves_again() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/co2.db?mode=rwc", dir.path().display());
     let setup = config_file(dir.path(), &url, "");
     let broker = BrokerProcess::spawn(&setup).await;
-    let inner = rumqttd_address(&broker.log(), "test-v4");
+    let inner = broker.rumqttd_address("test-v4");
 
     // Straight to rumqttd: the router refuses a client id with '/' after rumqttd registered
     // its will sender; the second attempt with the same id panics and poisons the listener.

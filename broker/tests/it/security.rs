@@ -13,7 +13,7 @@ use rumqttc::{AsyncClient, ConnectReturnCode, Event, EventLoop, MqttOptions, Pac
 use std::io::Write as _;
 use tokio::io::AsyncWriteExt;
 
-use crate::support::broker::{config_file, TestBroker};
+use crate::support::broker::{config_file, BrokerProcess, TestBroker};
 use crate::support::{db, eventually, unique_client_id};
 
 /// Writes a credentials file with cheap Argon2 parameters (the hash string carries them).
@@ -153,13 +153,16 @@ async fn only_known_devices_with_their_own_client_id_get_in() {
             username: None,
             password: "",
         };
-        assert!(connect(addr, &anonymous, None).await.is_err(), "anonymous");
+        // Each refusal is a CONNACK that says why, not just a closed socket.
+        let refusal = |result: Result<_, String>| result.err().unwrap_or_default();
+        let bad_login = "BadUserNamePassword";
+        assert!(refusal(connect(addr, &anonymous, None).await).contains(bad_login));
         assert!(
-            connect(addr, &device("pi-7", "eight"), None).await.is_err(),
+            refusal(connect(addr, &device("pi-7", "eight"), None).await).contains(bad_login),
             "wrong password"
         );
         assert!(
-            connect(addr, &device("pi-9", "nine"), None).await.is_err(),
+            refusal(connect(addr, &device("pi-9", "nine"), None).await).contains(bad_login),
             "unknown device"
         );
         let other_client_id = Login {
@@ -168,7 +171,7 @@ async fn only_known_devices_with_their_own_client_id_get_in() {
             password: "seven",
         };
         assert!(
-            connect(addr, &other_client_id, None).await.is_err(),
+            refusal(connect(addr, &other_client_id, None).await).contains("BadClientId"),
             "client id != username"
         );
     }
@@ -185,12 +188,46 @@ async fn only_known_devices_with_their_own_client_id_get_in() {
             .then_some(())
     })
     .await;
-    assert!(
-        count(&broker.metrics.auth_refused) >= 4,
-        "refusals counted: {}",
-        count(&broker.metrics.auth_refused)
+    assert_eq!(
+        count(&broker.metrics.auth_refused),
+        4,
+        "each refusal counted once"
     );
     broker.stop().await;
+}
+
+/// Local processes can reach rumqttd's loopback port without the guard. The guard hands
+/// rumqttd a token in place of a password it has checked; that shortcut must not open the
+/// back door: a direct CONNECT is still checked against the credentials file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bypassing_the_guard_still_needs_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = credentials_file(dir.path(), &[("pi-7", "seven")]);
+    let setup = config_file(
+        dir.path(),
+        &sqlite_url(dir.path()),
+        &format!("credentials_file = {:?}", creds.display().to_string()),
+    );
+    let broker = BrokerProcess::spawn(&setup).await;
+    let inner = broker.rumqttd_address("test-v4");
+    assert!(
+        connect(inner, &device("pi-7", "eight"), None)
+            .await
+            .is_err(),
+        "wrong password, straight to rumqttd"
+    );
+    let direct = connect(inner, &device("pi-7", "seven"), None)
+        .await
+        .expect("right password, straight to rumqttd");
+    drop(direct);
+    connect(setup.v4, &device("pi-7", "seven"), None)
+        .await
+        .expect("right password, through the guard");
+    assert!(
+        broker.log().contains("unknown device or wrong password"),
+        "the direct refusal is logged by rumqttd's hook:\n{}",
+        broker.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -724,9 +761,10 @@ async fn the_same_rules_hold_over_mqtt_5() {
     };
 
     let (_c, mut events) = client("pi-7", "wrong");
+    let refused = until5(&mut events, connected).await.unwrap_err();
     assert!(
-        until5(&mut events, connected).await.is_err(),
-        "wrong password"
+        refused.contains("BadUserNamePassword"),
+        "wrong password: {refused}"
     );
     let (_c, mut events) = client("pi-8", "seven");
     assert!(

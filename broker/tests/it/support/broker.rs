@@ -179,6 +179,21 @@ impl BrokerProcess {
         Self { child, log_path }
     }
 
+    /// rumqttd's loopback address behind the guard of listener `name`, from the start log.
+    pub fn rumqttd_address(&self, name: &str) -> SocketAddr {
+        let log = self.log();
+        log.lines()
+            .filter(|l| {
+                l.contains("rumqttd behind it on loopback")
+                    && l.contains(&format!("listener={name}"))
+            })
+            .find_map(|l| {
+                l.split_whitespace()
+                    .find_map(|f| f.strip_prefix("rumqttd=")?.parse().ok())
+            })
+            .unwrap_or_else(|| panic!("no loopback address for {name} in the log:\n{log}"))
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
