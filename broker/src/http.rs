@@ -160,6 +160,11 @@ pub fn render_metrics(m: &IngestMetrics) -> String {
             &m.acks_dropped,
         ),
         (
+            "co2_write_conflicts_total",
+            "Batch writes repeated after losing a lock conflict (deadlock, lock wait timeout, busy SQLite).",
+            &m.write_conflicts,
+        ),
+        (
             "co2_auth_refused_total",
             "CONNECTs refused for missing or wrong credentials.",
             &m.auth_refused,

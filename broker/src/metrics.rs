@@ -35,6 +35,9 @@ pub struct IngestMetrics {
     pub batches: AtomicU64,
     /// Storage acks the MQTT router could not take (the agent will resend and get a new ack).
     pub acks_dropped: AtomicU64,
+    /// Batch writes repeated because they lost a lock conflict (a deadlock, a lock wait
+    /// timeout, a busy SQLite file) with another transaction.
+    pub write_conflicts: AtomicU64,
     batch_latency: Histogram,
     batch_rows: Histogram,
     /// MQTT CONNECTs refused by authentication: unknown device, wrong password, or a client

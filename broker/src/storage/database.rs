@@ -41,6 +41,31 @@ pub fn is_unreachable(error: &DbErr) -> bool {
     }
 }
 
+/// True when `error` is a lock conflict with another transaction, which the database resolved
+/// by rolling this one back: a deadlock (MySQL 1213) or a lock wait timeout (1205), or a busy
+/// or locked SQLite file. Writing the same batch again is the cure; neither the database
+/// being away nor it refusing a row.
+pub fn is_conflict(error: &DbErr) -> bool {
+    use sea_orm::sqlx::mysql::MySqlDatabaseError;
+    let (DbErr::Conn(RuntimeErr::SqlxError(e))
+    | DbErr::Exec(RuntimeErr::SqlxError(e))
+    | DbErr::Query(RuntimeErr::SqlxError(e))) = error
+    else {
+        return false;
+    };
+    let Some(database) = e.as_database_error() else {
+        return false;
+    };
+    if let Some(mysql) = database.try_downcast_ref::<MySqlDatabaseError>() {
+        return matches!(mysql.number(), 1205 | 1213);
+    }
+    // SQLite: SQLITE_BUSY (5) and SQLITE_LOCKED (6), in their extended forms too.
+    database
+        .code()
+        .and_then(|code| code.parse::<u32>().ok())
+        .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+}
+
 /// What a write did with the readings of a batch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WriteOutcome {

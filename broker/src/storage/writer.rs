@@ -16,7 +16,7 @@ use co2_proto::{SeqRanges, StorageAck};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::database::is_unreachable;
+use super::database::{is_conflict, is_unreachable};
 use super::{Database, Spool, SpoolError, WriteOutcome};
 use crate::ingest::record::truncate_utf8;
 use crate::ingest::{Batch, Reading, Record, Rejection};
@@ -24,6 +24,13 @@ use crate::metrics::IngestMetrics;
 use crate::mqtt::AckPublisher;
 use crate::settings::IngestSettings;
 use crate::throttle::Throttle;
+
+/// How often a batch that lost a lock conflict is written again before it is spooled, and
+/// the pause before each attempt (times the attempt number). Concurrent writers and readers
+/// of the same rows make an occasional deadlock normal; salvaging row by row would record the
+/// rows as refused.
+const CONFLICT_RETRIES: u32 = 3;
+const CONFLICT_BACKOFF: Duration = Duration::from_millis(20);
 
 pub struct Writer {
     db: Database,
@@ -173,6 +180,7 @@ impl Writer {
     ) -> impl std::future::Future<Output = WriteAttempt> + Send + 'static {
         let (db, schema_pending, timeout) =
             (self.db.clone(), self.schema_pending, self.write_timeout);
+        let metrics = self.metrics.clone();
         async move {
             let started = Instant::now();
             let write = async {
@@ -180,15 +188,27 @@ impl Writer {
                     db.migrate().await?;
                     tracing::info!("database reachable again; schema migrated");
                 }
-                db.write(&batch).await
+                let mut conflicts = 0;
+                loop {
+                    match db.write(&batch).await {
+                        Err(e) if is_conflict(&e) && conflicts < CONFLICT_RETRIES => {
+                            conflicts += 1;
+                            IngestMetrics::add(&metrics.write_conflicts, 1);
+                            tracing::warn!(error = %e, attempt = conflicts, "a batch write lost a lock conflict with another transaction; writing it again");
+                            tokio::time::sleep(CONFLICT_BACKOFF * conflicts).await;
+                        }
+                        written => break written,
+                    }
+                }
             };
             let result = match tokio::time::timeout(timeout, write).await {
                 Ok(Ok(outcome)) => Ok(outcome),
                 Ok(Err(e)) => Err(WriteFailure {
                     message: e.to_string(),
                     // While migrations are pending every write fails the same way; only a
-                    // database with our schema can refuse a row.
-                    refused: !schema_pending && !is_unreachable(&e),
+                    // database with our schema can refuse a row. A conflict that outlasted
+                    // the retries is no verdict on the rows either: the spool keeps them.
+                    refused: !schema_pending && !is_unreachable(&e) && !is_conflict(&e),
                 }),
                 Err(_) => Err(WriteFailure {
                     message: format!("no answer within {timeout:?}"),

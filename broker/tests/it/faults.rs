@@ -1,5 +1,6 @@
 //! Real faults, injected for real: the database SIGKILLed mid-stream, the broker SIGTERMed or
-//! SIGKILLed with readings in its spool, a corrupt spool tail, bad payloads among good ones.
+//! SIGKILLed with readings in its spool, a corrupt spool tail, bad payloads among good ones,
+//! a value the database refuses, a deadlock the broker's write loses.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering::Relaxed;
@@ -429,5 +430,83 @@ async fn a_reading_the_database_refuses_is_recorded_and_blocks_nothing() {
     wait_for_rows(&url, 60, Duration::from_secs(10)).await;
     assert_eq!(broker.metrics.spooled.load(Relaxed), 0);
     assert_eq!(broker.metrics.rejected.load(Relaxed), 1);
+    broker.stop().await;
+}
+
+/// A real deadlock between the broker's write and another transaction, which MariaDB resolves
+/// by rolling the broker's back: the batch is written again (not salvaged row by row, which
+/// would record the reading as refused), stored once, and the conflict counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_loses_a_deadlock_is_written_again() {
+    use sea_orm::TransactionTrait;
+
+    let url = MariaDb::shared().create_database("deadlock").await;
+    let broker = TestBroker::start(&url).await;
+    let conn = db::connect(&url).await;
+    conn.execute_unprepared("CREATE TABLE scratch (n INT)")
+        .await
+        .unwrap();
+    // The other transaction holds the `devices` row the broker's write will want, and is the
+    // bigger one (5,000 rows), so MariaDB picks the broker's as the deadlock victim.
+    let other = conn.begin().await.unwrap();
+    other
+        .execute_unprepared("INSERT INTO scratch SELECT seq FROM seq_1_to_5000")
+        .await
+        .unwrap();
+    other
+        .execute_unprepared(
+            "INSERT INTO devices VALUES ('pi-dl', '2026-11-30 00:00:00', '2026-11-30 00:00:00')",
+        )
+        .await
+        .unwrap();
+
+    mqtt::publish_one(
+        broker.setup.v4,
+        "co2/pi-dl",
+        r#"{"ts":"2026-11-30T10:00:00.000Z","value":500,"seq":1}"#,
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "the broker's write waiting for the devices row",
+        || async {
+            let waiting = conn
+                .query_one_raw(Statement::from_string(
+                    conn.get_database_backend(),
+                    // Still running means waiting: alone it takes microseconds.
+                    "SELECT COUNT(*) AS n FROM information_schema.processlist \
+                     WHERE info LIKE 'INSERT INTO `devices`%'",
+                ))
+                .await
+                .unwrap()
+                .and_then(|row| row.try_get::<i64>("", "n").ok())
+                .unwrap_or(0);
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+    // Close the cycle: ask for the reading row the broker's transaction has inserted.
+    other
+        .execute_unprepared(
+            "INSERT IGNORE INTO co2_emissions \
+             (date_time, emissions, device_id, topic, received_at, seq, dedup_key) \
+             VALUES ('2026-11-30 10:00:00.000', 1, 'pi-dl', 'co2/pi-dl', \
+                     '2026-11-30 10:00:00.000', 1, 't1796032800000s1')",
+        )
+        .await
+        .unwrap();
+    other.rollback().await.unwrap();
+
+    wait_for_rows(&url, 1, Duration::from_secs(10)).await;
+    let rows = db::readings(&conn).await;
+    assert_eq!(
+        (rows[0].device_id.as_str(), rows[0].emissions),
+        ("pi-dl", Some(500.0)),
+        "the broker's reading, not the other transaction's"
+    );
+    assert_eq!(broker.metrics.write_conflicts.load(Relaxed), 1);
+    assert_eq!(broker.metrics.rejected.load(Relaxed), 0);
+    assert_eq!(broker.metrics.spooled.load(Relaxed), 0);
+    assert_eq!(db::devices(&conn).await.len(), 1);
     broker.stop().await;
 }
