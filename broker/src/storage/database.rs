@@ -1,8 +1,9 @@
 //! The database behind SeaORM: connect, migrate, and write one batch in one transaction.
 //!
 //! Readings are written as one multi-row INSERT that skips rows whose identity
-//! (`device_id`, `date_time`, `dedup_key`) is already stored: `INSERT IGNORE` on MySQL, `ON CONFLICT DO
-//! NOTHING` on SQLite. The affected-row count then tells stored from duplicate.
+//! (`device_id`, `date_time`, `dedup_key`) is already stored: `INSERT IGNORE` on MySQL,
+//! `ON CONFLICT DO NOTHING` on SQLite. The affected-row count then tells stored from
+//! duplicate.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,24 +22,31 @@ use crate::settings::DatabaseUrl;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The sqlx error under a SeaORM error, where there is one.
+fn sqlx_error(error: &DbErr) -> Option<&sea_orm::sqlx::Error> {
+    match error {
+        DbErr::Conn(RuntimeErr::SqlxError(e))
+        | DbErr::Exec(RuntimeErr::SqlxError(e))
+        | DbErr::Query(RuntimeErr::SqlxError(e)) => Some(e.as_ref()),
+        _ => None,
+    }
+}
+
 /// True when `error` means the database cannot be reached (down, restarting, network), as
 /// opposed to refusing what was asked (bad credentials, SQL errors).
 pub fn is_unreachable(error: &DbErr) -> bool {
     use sea_orm::sqlx::Error as Sqlx;
-    match error {
-        DbErr::ConnectionAcquire(_) => true,
-        DbErr::Conn(RuntimeErr::SqlxError(e))
-        | DbErr::Exec(RuntimeErr::SqlxError(e))
-        | DbErr::Query(RuntimeErr::SqlxError(e)) => matches!(
-            e.as_ref(),
-            Sqlx::Io(_)
-                | Sqlx::PoolTimedOut
-                | Sqlx::PoolClosed
-                | Sqlx::WorkerCrashed
-                | Sqlx::Protocol(_)
-        ),
-        _ => false,
-    }
+    matches!(error, DbErr::ConnectionAcquire(_))
+        || sqlx_error(error).is_some_and(|e| {
+            matches!(
+                e,
+                Sqlx::Io(_)
+                    | Sqlx::PoolTimedOut
+                    | Sqlx::PoolClosed
+                    | Sqlx::WorkerCrashed
+                    | Sqlx::Protocol(_)
+            )
+        })
 }
 
 /// True when `error` is a lock conflict with another transaction, which the database resolved
@@ -47,13 +55,7 @@ pub fn is_unreachable(error: &DbErr) -> bool {
 /// being away nor it refusing a row.
 pub fn is_conflict(error: &DbErr) -> bool {
     use sea_orm::sqlx::mysql::MySqlDatabaseError;
-    let (DbErr::Conn(RuntimeErr::SqlxError(e))
-    | DbErr::Exec(RuntimeErr::SqlxError(e))
-    | DbErr::Query(RuntimeErr::SqlxError(e))) = error
-    else {
-        return false;
-    };
-    let Some(database) = e.as_database_error() else {
+    let Some(database) = sqlx_error(error).and_then(|e| e.as_database_error()) else {
         return false;
     };
     if let Some(mysql) = database.try_downcast_ref::<MySqlDatabaseError>() {
