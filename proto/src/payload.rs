@@ -191,16 +191,33 @@ fn parse_json(text: &str) -> Result<Payload, PayloadError> {
     })
 }
 
+/// An epoch number (seconds, or milliseconds from [`EPOCH_MILLIS_THRESHOLD`] on) as a time,
+/// **truncated** to the millisecond like RFC 3339 and legacy times are, so that one instant
+/// sent in another format gets the same stored time and identity. The number's shortest
+/// decimal form (which is the text the client sent, for up to 17 significant digits) is cut,
+/// not the binary value: `1594680203.123 * 1000.0` is `1594680203122.9998` in binary.
 fn from_epoch(n: f64) -> Result<DateTime<Utc>, PayloadError> {
     if !n.is_finite() {
         return Err(PayloadError::TimestampRange);
     }
-    let millis = if n.abs() >= EPOCH_MILLIS_THRESHOLD {
-        n
+    let digits = n.abs().to_string(); // Rust prints f64 without an exponent
+    let (whole, fraction) = digits.split_once('.').unwrap_or((&digits, ""));
+    let whole: i64 = whole.parse().map_err(|_| PayloadError::TimestampRange)?;
+    let kept = if n.abs() >= EPOCH_MILLIS_THRESHOLD { 0 } else { 3 };
+    let (kept_digits, dropped_digits) = fraction.split_at(fraction.len().min(kept));
+    let kept_millis: i64 = format!("{kept_digits:0<kept$}").parse().unwrap_or(0);
+    let millis = whole
+        .checked_mul(if kept == 3 { 1000 } else { 1 })
+        .and_then(|m| m.checked_add(kept_millis))
+        .ok_or(PayloadError::TimestampRange)?;
+    // Towards the earlier millisecond, as chrono truncates times before 1970.
+    let dropped = dropped_digits.bytes().any(|d| d != b'0');
+    let millis = if n < 0.0 {
+        -millis - i64::from(dropped)
     } else {
-        n * 1000.0
+        millis
     };
-    DateTime::from_timestamp_millis(millis.round() as i64).ok_or(PayloadError::TimestampRange)
+    DateTime::from_timestamp_millis(millis).ok_or(PayloadError::TimestampRange)
 }
 
 /// `Y-M-D h:m:s|value`, where no field needs leading zeros and seconds may have a fraction.
@@ -333,6 +350,38 @@ mod tests {
         assert_eq!(untimed.measured_at, MeasuredAt::Unstated);
         assert_eq!(untimed.temperature_c, Some(21.5));
         assert_eq!(untimed.humidity_pct, Some(40.0));
+    }
+
+    #[test]
+    fn every_format_truncates_to_the_same_millisecond() {
+        let at = |payload: &str| match Payload::parse(payload.as_bytes()).unwrap().measured_at {
+            MeasuredAt::Utc(t) => t.timestamp_millis(),
+            other => panic!("{other:?}"),
+        };
+        let truncated = 1_594_680_203_999;
+        assert_eq!(at(r#"{"ts":1594680203.9996,"value":1}"#), truncated);
+        assert_eq!(at(r#"{"ts":1594680203999.6,"value":1}"#), truncated);
+        assert_eq!(
+            at(r#"{"ts":"2020-07-13T22:43:23.9996Z","value":1}"#),
+            truncated
+        );
+        // Decimal digits are cut, not the binary value (1594680203.123 * 1000 < ...123).
+        assert_eq!(at(r#"{"ts":1594680203.123,"value":1}"#), 1_594_680_203_123);
+        assert_eq!(at(r#"{"ts":1594680203.1,"value":1}"#), 1_594_680_203_100);
+        assert_eq!(at(r#"{"ts":1594680203,"value":1}"#), 1_594_680_203_000);
+        assert_eq!(at(r#"{"ts":-1.0005,"value":1}"#), -1_001);
+    }
+
+    #[test]
+    fn json_values_keep_every_digit() {
+        for text in ["20261.933683006926", "0.1", "612.3000000000001", "1e-7"] {
+            let sent: f64 = text.parse().unwrap();
+            let payload = format!(r#"{{"value":{text},"temperature":{text},"humidity":{text}}}"#);
+            let p = Payload::parse(payload.as_bytes()).unwrap();
+            assert_eq!(p.co2_ppm.to_bits(), sent.to_bits(), "{text}");
+            assert_eq!(p.temperature_c.map(f64::to_bits), Some(sent.to_bits()));
+            assert_eq!(p.humidity_pct.map(f64::to_bits), Some(sent.to_bits()));
+        }
     }
 
     #[test]

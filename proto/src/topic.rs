@@ -16,7 +16,8 @@ pub const MAX_DEVICE_ID_LEN: usize = 64;
 ///
 /// It is one MQTT topic level: never empty, at most [`MAX_DEVICE_ID_LEN`] bytes, and free of
 /// `/`, the wildcards `+` and `#`, and control characters, so it can be placed into a topic or a
-/// filter without changing its meaning.
+/// filter without changing its meaning; and it neither starts nor ends with whitespace, so that
+/// the database (which ignores trailing spaces in comparisons) tells every device apart.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeviceId(String);
 
@@ -31,6 +32,8 @@ pub enum TopicError {
     DeviceTooLong,
     #[error("device id contains '/', '+', '#' or a control character")]
     DeviceInvalidChar,
+    #[error("device id starts or ends with whitespace")]
+    DeviceWhitespace,
 }
 
 impl DeviceId {
@@ -47,6 +50,11 @@ impl DeviceId {
             .any(|c| matches!(c, '/' | '+' | '#') || c.is_control())
         {
             return Err(TopicError::DeviceInvalidChar);
+        }
+        // MySQL and MariaDB compare `utf8mb4_bin` with PAD SPACE: `pi-1` and `pi-1 ` are one
+        // key there, so the second device's readings would count as duplicates of the first's.
+        if id.trim() != id {
+            return Err(TopicError::DeviceWhitespace);
         }
         Ok(Self(id))
     }
@@ -116,5 +124,13 @@ mod tests {
             DeviceId::from_readings_topic(&format!("co2/{}", "x".repeat(65))),
             Err(TopicError::DeviceTooLong)
         );
+        for padded in ["co2/pi-1 ", "co2/pi-1  /x", "co2/ pi-1", "co2/pi-1\u{a0}"] {
+            assert_eq!(
+                DeviceId::from_readings_topic(padded),
+                Err(TopicError::DeviceWhitespace),
+                "{padded:?}"
+            );
+        }
+        assert!(DeviceId::new("pi 1").is_ok(), "inner spaces are kept");
     }
 }

@@ -60,9 +60,14 @@ impl MariaDb {
             .prefix("co2-mariadb-")
             .tempdir()
             .expect("temp dir for MariaDB");
+        // A temp dir of its own: bootstraps running side by side in the shared /tmp have been
+        // seen to fail on each other's temporary tables ("Could not remove temporary table").
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir(&tmp).expect("MariaDB temp dir");
         let install = Command::new(find_program("mariadb-install-db"))
             .arg("--no-defaults")
             .arg(format!("--datadir={}", dir.path().join("data").display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .arg("--auth-root-authentication-method=normal")
             .arg("--skip-test-db")
             .arg(format!("--user={}", current_user()))
@@ -99,6 +104,7 @@ impl MariaDb {
             .arg(find_program("mariadbd"))
             .arg("--no-defaults")
             .arg(format!("--datadir={}", d.join("data").display()))
+            .arg(format!("--tmpdir={}", d.join("tmp").display()))
             .arg(format!("--port={}", self.port))
             .arg("--bind-address=127.0.0.1")
             .arg(format!("--socket={}", d.join("mysqld.sock").display()))
