@@ -203,7 +203,11 @@ fn from_epoch(n: f64) -> Result<DateTime<Utc>, PayloadError> {
     let digits = n.abs().to_string(); // Rust prints f64 without an exponent
     let (whole, fraction) = digits.split_once('.').unwrap_or((&digits, ""));
     let whole: i64 = whole.parse().map_err(|_| PayloadError::TimestampRange)?;
-    let kept = if n.abs() >= EPOCH_MILLIS_THRESHOLD { 0 } else { 3 };
+    let kept = if n.abs() >= EPOCH_MILLIS_THRESHOLD {
+        0
+    } else {
+        3
+    };
     let (kept_digits, dropped_digits) = fraction.split_at(fraction.len().min(kept));
     let kept_millis: i64 = format!("{kept_digits:0<kept$}").parse().unwrap_or(0);
     let millis = whole
