@@ -70,7 +70,10 @@ pub async fn run(
         );
     }
 
-    let mut broker = EmbeddedBroker::start(&settings, metrics.clone()).await?;
+    // Bounded: when the writer falls behind, the link stops draining rumqttd (whose ring
+    // buffers meanwhile) and the guard's own rejections wait for room.
+    let (records_tx, records_rx) = mpsc::channel(ingest.queue_capacity);
+    let mut broker = EmbeddedBroker::start(&settings, records_tx.clone(), metrics.clone()).await?;
     let listeners: Vec<String> = settings
         .listeners()
         .map(|(v, l)| {
@@ -100,7 +103,6 @@ pub async fn run(
         }
         None => None,
     };
-    let (records_tx, records_rx) = mpsc::channel(ingest.queue_capacity);
     let writer = Writer::new(
         db,
         spool,

@@ -8,8 +8,8 @@
 //!
 //! The configured listen addresses belong to the [`guard`](crate::guard), which vets every
 //! connection and forwards it to a rumqttd listener on a loopback port of its own. With
-//! credentials, the guard checks device passwords and rumqttd's auth hook checks again what
-//! reaches its loopback port (see [`crate::auth`]).
+//! credentials, the guard checks device passwords and rumqttd's auth hook lets in only the
+//! guard's per-process token (see [`crate::auth`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -69,8 +69,10 @@ pub struct EmbeddedBroker {
 }
 
 impl EmbeddedBroker {
+    /// `rejections` is the writer's queue: the guard records oversized messages there.
     pub async fn start(
         settings: &Settings,
+        rejections: tokio::sync::mpsc::Sender<crate::ingest::record::Record>,
         metrics: Arc<IngestMetrics>,
     ) -> Result<Self, MqttError> {
         let auth = match &settings.ingest.credentials_file {
@@ -135,7 +137,8 @@ impl EmbeddedBroker {
                 ),
                 max_packet_size: listener.connections.max_payload_size,
             };
-            // rumqttd's own listener: loopback, plain TCP (the guard did TLS), password check.
+            // rumqttd's own listener: loopback, plain TCP (the guard did TLS), and with
+            // credentials it lets in only what the guard vouched for.
             let mut inner = listener.clone();
             inner.listen = upstream;
             inner.tls = None;
@@ -151,6 +154,7 @@ impl EmbeddedBroker {
         let guard = Guard::new(
             auth.clone(),
             settings.mqtt.router.max_connections.saturating_sub(1),
+            rejections,
             metrics,
         );
         let stop_watching = CancellationToken::new();

@@ -32,7 +32,14 @@ pub enum CredentialsError {
     },
     #[error("cannot hash the password: {0}")]
     Hash(String),
+    #[error("{path} holds no device and not the header `co2-broker passwd` writes: taken as damaged (an empty or truncated copy); write it with `co2-broker passwd` to really remove every device")]
+    UndeliberatelyEmpty { path: String },
 }
+
+/// First line of every file `co2-broker passwd` writes; it marks a file without devices as
+/// meant to be so.
+const HEADER: &str =
+    "# co2-broker device credentials: <device>:<argon2 hash>. Edit with `co2-broker passwd`.";
 
 /// Devices and their password hashes, as read from the credentials file.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -119,6 +126,21 @@ impl Credentials {
         }
     }
 
+    /// Reads `path` for a running broker: unlike [`Credentials::load`], a missing file, or one
+    /// with no device and without [`HEADER`], is an error rather than "no device".
+    pub fn load_deliberate(path: &Path) -> Result<Self, CredentialsError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| CredentialsError::Io {
+            path: name.clone(),
+            source,
+        })?;
+        let credentials = Self::parse(&text, &name)?;
+        if credentials.is_empty() && !text.lines().any(|l| l.trim() == HEADER) {
+            return Err(CredentialsError::UndeliberatelyEmpty { path: name });
+        }
+        Ok(credentials)
+    }
+
     /// Writes the file atomically: a reader sees the old or the new content, never a mix.
     pub fn save(&self, path: &Path) -> Result<(), CredentialsError> {
         let io = |source| CredentialsError::Io {
@@ -143,9 +165,7 @@ impl Credentials {
     }
 
     pub fn render(&self) -> String {
-        let mut text = String::from(
-            "# co2-broker device credentials: <device>:<argon2 hash>. Edit with `co2-broker passwd`.\n",
-        );
+        let mut text = format!("{HEADER}\n");
         for (device, hash) in &self.devices {
             text.push_str(&format!("{device}:{hash}\n"));
         }
@@ -166,6 +186,11 @@ impl Credentials {
 
     pub fn devices(&self) -> impl Iterator<Item = &str> {
         self.devices.keys().map(String::as_str)
+    }
+
+    /// The stored Argon2 hash of `device`.
+    pub fn hash_of(&self, device: &str) -> Option<&str> {
+        self.devices.get(device).map(String::as_str)
     }
 
     pub fn contains(&self, device: &str) -> bool {

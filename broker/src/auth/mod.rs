@@ -4,20 +4,26 @@
 //! A device connects with username = its device id, its password, and client id = username.
 //! The last rule keeps one device from taking over (and kicking) another's session, since
 //! rumqttd drops the older connection of a duplicate client id. Passwords are checked with
-//! Argon2 off the async threads, a few at a time, and nothing about them is cached or logged.
-//! Argon2 runs once per CONNECT: the guard checks (so it can answer a refusal with a CONNACK)
-//! and forwards a per-process token instead of the password, which the hook accepts at once;
-//! anything reaching rumqttd's loopback port without the guard is hashed by the hook.
+//! Argon2 by [`checks`] (a fixed pool behind a bounded queue, with a short memory of right
+//! passwords); nothing about them is logged.
+//!
+//! Only the guard gets into rumqttd: it checks the password (so it can answer a refusal with
+//! a CONNACK) and forwards a random per-process token in its place, and rumqttd's hook lets in
+//! nothing but that token. A local process that reaches rumqttd's loopback port directly, even
+//! with a device's right password, is refused: otherwise it could subscribe to `#`, publish as
+//! any device, and forge the storage acks that make agents delete unstored readings.
 
+pub mod checks;
 pub mod credentials;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub use checks::{CheckError, PasswordChecks};
 pub use credentials::{check_device_id, hash_password, Credentials, CredentialsError};
 
 use crate::metrics::IngestMetrics;
@@ -25,9 +31,6 @@ use crate::throttle::Throttle;
 
 /// How often the credentials file's modification time is looked at.
 pub const RELOAD_POLL: Duration = Duration::from_secs(1);
-/// Password checks at once: each Argon2 check costs ~20 ms of CPU and ~19 MiB, so a flood of
-/// CONNECTs waits here instead of taking every core and the memory.
-const CONCURRENT_CHECKS: usize = 2;
 
 /// The devices allowed to connect, kept current with the credentials file.
 pub struct Authenticator {
@@ -35,16 +38,14 @@ pub struct Authenticator {
     credentials: RwLock<Arc<Credentials>>,
     /// What the file looked like when last read, to notice edits cheaply.
     stamp: Mutex<Option<FileStamp>>,
-    hashing: Semaphore,
+    checks: PasswordChecks,
     metrics: Arc<IngestMetrics>,
     refusal_log: Mutex<Throttle>,
     /// Bumped on every reload that changed the devices, so open connections of a removed
     /// device can be closed.
     changed: watch::Sender<u64>,
-    /// What the guard puts in place of a password it has checked, so that rumqttd's hook does
-    /// not run Argon2 a second time for the same CONNECT. Random per process and never
-    /// logged; a process that reaches rumqttd's loopback port directly does not know it and
-    /// is checked in full.
+    /// What the guard puts in place of a password it has checked; the only password rumqttd's
+    /// hook accepts. Random per process and never logged, so only the guard knows it.
     vouched: String,
 }
 
@@ -73,6 +74,10 @@ impl FileStamp {
 pub enum Refusal {
     ClientIdIsNotUsername,
     UnknownDeviceOrWrongPassword,
+    /// Too many password checks waiting; not a verdict on the password.
+    Busy,
+    /// At rumqttd's own port: anything but the guard's token.
+    NotThroughTheGuard,
 }
 
 impl Refusal {
@@ -80,6 +85,10 @@ impl Refusal {
         match self {
             Refusal::ClientIdIsNotUsername => "client id must equal the username",
             Refusal::UnknownDeviceOrWrongPassword => "unknown device or wrong password",
+            Refusal::Busy => "too many password checks waiting",
+            Refusal::NotThroughTheGuard => {
+                "connected to rumqttd's loopback port, not through the guard"
+            }
         }
     }
 }
@@ -98,7 +107,7 @@ impl Authenticator {
             path: path.to_owned(),
             credentials: RwLock::new(Arc::new(credentials)),
             stamp: Mutex::new(stamp),
-            hashing: Semaphore::new(CONCURRENT_CHECKS),
+            checks: PasswordChecks::new(),
             metrics,
             refusal_log: Mutex::new(Throttle::new(Duration::from_secs(1))),
             changed: watch::channel(0).0,
@@ -127,16 +136,19 @@ impl Authenticator {
         self.changed.subscribe()
     }
 
-    /// Reads the file again. On an error the devices loaded before stay in force.
+    /// Reads the file again. On an error the devices loaded before stay in force. A file that
+    /// is gone, or holds no device without saying so (the header `co2-broker passwd` writes),
+    /// counts as an error too: a truncated or half-copied file must not lock out every device.
     pub fn reload(&self) -> Result<(), CredentialsError> {
         let stamp = FileStamp::of(&self.path);
-        let fresh = Credentials::load(&self.path)?;
+        let fresh = Credentials::load_deliberate(&self.path)?;
         *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) = stamp;
         let mut current = self.credentials.write().unwrap_or_else(|e| e.into_inner());
         if **current != fresh {
             tracing::info!(file = %self.path.display(), devices = fresh.len(), "device credentials reloaded");
             *current = Arc::new(fresh);
             drop(current);
+            self.checks.forget_all();
             self.changed.send_modify(|n| *n += 1);
         }
         Ok(())
@@ -155,18 +167,19 @@ impl Authenticator {
         }
     }
 
-    /// rumqttd's external auth hook. True lets the connection in. Refusals are counted and
-    /// logged here: only processes that bypass the guard get this far with bad credentials.
+    /// rumqttd's external auth hook. True lets the connection in: only the guard's token, for
+    /// a device still in the file. Refusals are counted and logged here: only processes that
+    /// bypass the guard get this far.
     pub async fn check(&self, client_id: String, username: String, password: String) -> bool {
-        let verdict = if client_id == username && self.is_vouched(&password) {
+        let verdict = if client_id != username {
+            Err(Refusal::ClientIdIsNotUsername)
+        } else if !checks::constant_time_eq(password.as_bytes(), self.vouched.as_bytes()) {
+            Err(Refusal::NotThroughTheGuard)
+        } else if !self.knows(&username) {
             // Checked by the guard moments ago; the device may have been removed since.
-            if self.knows(&username) {
-                Ok(())
-            } else {
-                Err(Refusal::UnknownDeviceOrWrongPassword)
-            }
+            Err(Refusal::UnknownDeviceOrWrongPassword)
         } else {
-            self.verify(&client_id, &username, password).await
+            Ok(())
         };
         match verdict {
             Ok(()) => true,
@@ -178,47 +191,28 @@ impl Authenticator {
     }
 
     /// The guard's check of a CONNECT, before it goes to rumqttd. On success, the password
-    /// to forward in place of the device's own, which rumqttd's hook then accepts at once.
-    /// Counting and logging a refusal is left to the caller.
+    /// to forward in place of the device's own, which rumqttd's hook then accepts. Counting
+    /// and logging a refusal is left to the caller. Cancel-safe: a client that leaves while
+    /// its check waits costs no hashing.
     pub async fn vouch(
         &self,
         client_id: &str,
         username: &str,
         password: String,
     ) -> Result<&str, Refusal> {
-        self.verify(client_id, username, password).await?;
-        Ok(&self.vouched)
-    }
-
-    async fn verify(
-        &self,
-        client_id: &str,
-        username: &str,
-        password: String,
-    ) -> Result<(), Refusal> {
         if client_id != username {
             return Err(Refusal::ClientIdIsNotUsername);
         }
-        let credentials = self.current();
-        // Closed only if the semaphore were closed, which never happens.
-        let Ok(_permit) = self.hashing.acquire().await else {
-            return Err(Refusal::UnknownDeviceOrWrongPassword);
-        };
-        let user = username.to_owned();
-        match tokio::task::spawn_blocking(move || credentials.verify(&user, &password)).await {
-            Ok(true) => Ok(()),
-            Ok(false) | Err(_) => Err(Refusal::UnknownDeviceOrWrongPassword),
+        match self.checks.check(self.current(), username, password).await {
+            Ok(()) => Ok(&self.vouched),
+            Err(CheckError::Wrong) => Err(Refusal::UnknownDeviceOrWrongPassword),
+            Err(CheckError::Busy) => Err(Refusal::Busy),
         }
     }
 
-    /// Compared in constant time: how much of the token a guess got right must not show.
-    fn is_vouched(&self, password: &str) -> bool {
-        password.len() == self.vouched.len()
-            && password
-                .bytes()
-                .zip(self.vouched.bytes())
-                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
-                == 0
+    /// The password checks, for their counters.
+    pub fn checks(&self) -> &PasswordChecks {
+        &self.checks
     }
 
     fn refused(&self, client_id: &str, username: &str, refusal: Refusal) {
@@ -328,8 +322,8 @@ mod tests {
         let mut guess = token.clone();
         guess.replace_range(63.., if token.ends_with('0') { "1" } else { "0" });
         assert!(!auth.check("pi-1".into(), "pi-1".into(), guess).await);
-        // The real password still works without the guard.
-        assert!(auth.check("pi-2".into(), "pi-2".into(), "two".into()).await);
+        // Without the guard even the right password does not get in.
+        assert!(!auth.check("pi-2".into(), "pi-2".into(), "two".into()).await);
 
         // A device removed from the file is not let in on a token issued before.
         let mut credentials = Credentials::load(auth.path()).unwrap();
@@ -337,5 +331,24 @@ mod tests {
         credentials.save(auth.path()).unwrap();
         auth.reload().unwrap();
         assert!(!auth.check("pi-1".into(), "pi-1".into(), token).await);
+    }
+
+    #[tokio::test]
+    async fn an_emptied_or_vanished_file_keeps_the_devices_loaded_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = authenticator(dir.path(), &[("pi-1", "one")]);
+        for damaged in ["", "\n\n", "# some comment\n"] {
+            std::fs::write(auth.path(), damaged).unwrap();
+            let err = auth.reload().unwrap_err().to_string();
+            assert!(err.contains("no device"), "{err}");
+            assert!(auth.knows("pi-1"), "after {damaged:?}");
+        }
+        std::fs::remove_file(auth.path()).unwrap();
+        assert!(auth.reload().is_err());
+        assert!(auth.knows("pi-1"));
+        // Emptied on purpose, by `co2-broker passwd remove`: taken.
+        Credentials::default().save(auth.path()).unwrap();
+        auth.reload().unwrap();
+        assert!(!auth.knows("pi-1"));
     }
 }

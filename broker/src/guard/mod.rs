@@ -4,102 +4,62 @@
 //! publish or subscribe anything), awaits every TLS handshake inside its accept loop (one
 //! slow client stops all others from connecting), and only logs what it refuses. So the
 //! public ports belong to the guard, and rumqttd listens on loopback ports only the guard
-//! uses. Per connection the guard:
+//! gets into (see [`crate::auth`]). Per connection the guard:
 //!
-//! 1. takes a slot of the connection limit, or closes the connection at once;
-//! 2. does the TLS handshake (if configured) and reads the CONNECT, both within the
-//!    listener's `connection_timeout_ms`, in the connection's own task;
-//! 3. frames and decodes every packet the client sends with rumqttd's own codec
-//!    (`rumqttd::protocol`), refusing anything that is not MQTT or exceeds
-//!    `max_payload_size`;
-//! 4. with credentials configured: refuses a CONNECT without login, whose client id is not
-//!    its username or whose password is wrong, each with a CONNACK that says so (rumqttd's
-//!    hook would only close the socket), and checks every PUBLISH, SUBSCRIBE and will
-//!    against [`acl`];
-//! 5. forwards the client's packets to rumqttd byte for byte (the CONNECT carries a token in
-//!    place of the password it checked, see [`Authenticator::vouch`]), and copies rumqttd's
-//!    answers back unchanged.
+//! 1. takes a slot of the connection limit and one of the few its address may hold before
+//!    being admitted, or closes the connection at once;
+//! 2. does the TLS handshake (if configured), reads the CONNECT, vets it ([`vet`]) and checks
+//!    the password, all within the listener's `connection_timeout_ms`, in the connection's
+//!    own task; a client that leaves while its password check waits costs no hashing;
+//! 3. frames and decodes what the client sends with rumqttd's own codec ([`framing`]),
+//!    refusing anything that is not MQTT;
+//! 4. relays ([`relay`]): checks every PUBLISH, SUBSCRIBE and will against [`acl`] and the
+//!    subscription budget, answers oversized PUBLISHes itself, keeps rumqttd's session alive
+//!    for clients without keep-alive, and copies rumqttd's answers back.
 //!
 //! A refused connection, an oversized packet and a denied topic each increment a counter in
 //! [`IngestMetrics`] and are logged (rate-limited to one line a second per kind, with the
 //! number held back).
 
 pub mod acl;
+pub mod framing;
+pub mod relay;
 pub mod tls;
+pub mod vet;
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use rumqttd::protocol::{self, ConnAck, ConnectReturnCode, Packet, Protocol};
+use bytes::BytesMut;
+use rumqttd::protocol::ConnectReturnCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
-use crate::auth::Authenticator;
+pub use framing::Codec;
+use framing::{next_frame, FrameError};
+use relay::Subscriptions;
+
+use crate::auth::{Authenticator, Refusal};
+use crate::ingest::record::Record;
 use crate::metrics::IngestMetrics;
 use crate::throttle::Throttle;
 
 /// How long a connection waits for rumqttd's loopback listener (it is restarted after a
 /// rumqttd panic, see `mqtt::rumqttd_panics`).
 const UPSTREAM_CONNECT_PATIENCE: Duration = Duration::from_secs(5);
-/// How long a finished client connection waits for rumqttd to close its side first.
-const UPSTREAM_CLOSE_GRACE: Duration = Duration::from_secs(1);
-
-/// The MQTT version of a listener, i.e. which codec frames its packets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Codec {
-    V4,
-    V5,
-}
-
-impl Codec {
-    fn frame_len(self, buf: &[u8], max: usize) -> Result<usize, protocol::Error> {
-        match self {
-            Codec::V4 => protocol::v4::check(buf.iter(), max).map(|h| h.frame_length()),
-            Codec::V5 => protocol::v5::check(buf.iter(), max).map(|h| h.frame_length()),
-        }
-    }
-
-    fn decode(self, frame: &[u8], max: usize) -> Result<Packet, protocol::Error> {
-        let mut frame = BytesMut::from(frame);
-        match self {
-            Codec::V4 => protocol::v4::V4.read_mut(&mut frame, max),
-            Codec::V5 => protocol::v5::V5.read_mut(&mut frame, max),
-        }
-    }
-
-    fn encode(self, packet: Packet) -> Result<BytesMut, protocol::Error> {
-        let mut out = BytesMut::new();
-        match self {
-            Codec::V4 => protocol::v4::V4.write(packet, &mut out),
-            Codec::V5 => protocol::v5::V5.write(packet, &mut out),
-        }?;
-        Ok(out)
-    }
-
-    fn connack(self, code: ConnectReturnCode) -> BytesMut {
-        let mut out = BytesMut::new();
-        let packet = Packet::ConnAck(
-            ConnAck {
-                session_present: false,
-                code,
-            },
-            None,
-        );
-        let written = match self {
-            Codec::V4 => protocol::v4::V4.write(packet, &mut out),
-            Codec::V5 => protocol::v5::V5.write(packet, &mut out),
-        };
-        if written.is_err() {
-            out.clear(); // the connection is closed right after; no CONNACK is still a refusal
-        }
-        out
-    }
-}
+/// Connections one address may hold before they are admitted (TLS handshake, CONNECT,
+/// password check). A legitimate device needs one, for milliseconds; a host that opens idle
+/// sockets or floods CONNECTs with wrong passwords gets no more than this, however fast it
+/// goes, so it can neither fill the connection limit nor the password checks' queue.
+pub const MAX_UNADMITTED_PER_ADDRESS: usize = 8;
+/// Distinct subscription filters one device (or, without credentials, one client id) may use
+/// over the broker's lifetime; see [`Subscriptions`].
+pub const MAX_FILTERS_PER_CLIENT: usize = 16;
 
 /// One public listener and the rumqttd listener behind it.
 #[derive(Clone)]
@@ -139,6 +99,11 @@ pub struct Guard {
     /// Connection slots across all listeners (rumqttd's router refuses beyond its own limit
     /// in a way that can break its listener, so the guard stays below it).
     connections: Arc<Semaphore>,
+    /// Connections per address not admitted yet; see [`MAX_UNADMITTED_PER_ADDRESS`].
+    unadmitted: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    subscriptions: Subscriptions,
+    /// The writer's queue, for the oversized messages the guard records itself.
+    rejections: mpsc::Sender<Record>,
     metrics: Arc<IngestMetrics>,
     logs: Logs,
 }
@@ -176,9 +141,43 @@ impl Drop for OpenConnection<'_> {
     }
 }
 
+/// One of an address's [`MAX_UNADMITTED_PER_ADDRESS`] places, given back on drop (at
+/// admission, or when the connection ends before it).
+struct Unadmitted {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    address: IpAddr,
+}
+
+impl Unadmitted {
+    fn take(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, address: IpAddr) -> Option<Self> {
+        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let count = map.entry(address).or_default();
+        if *count >= MAX_UNADMITTED_PER_ADDRESS {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            counts: counts.clone(),
+            address,
+        })
+    }
+}
+
+impl Drop for Unadmitted {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = map.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(&self.address);
+            }
+        }
+    }
+}
+
 /// How a guarded connection ended.
 #[derive(Debug)]
-enum End {
+pub enum End {
     /// Either side closed or the connection broke after it was established.
     Closed,
     /// Before reaching rumqttd: limit, timeout, not MQTT, TLS, invalid CONNECT.
@@ -191,21 +190,32 @@ enum End {
 }
 
 /// Who the connection belongs to, once its CONNECT was read.
-struct Peer {
+pub struct Peer {
     client_id: String,
     /// The device the topic rules are checked against (`None` in anonymous mode).
     device: Option<String>,
+}
+
+impl Peer {
+    /// Whose subscription budget applies: the device, or the client id without credentials.
+    fn subscriber(&self) -> &str {
+        self.device.as_deref().unwrap_or(&self.client_id)
+    }
 }
 
 impl Guard {
     pub fn new(
         auth: Option<Arc<Authenticator>>,
         max_connections: usize,
+        rejections: mpsc::Sender<Record>,
         metrics: Arc<IngestMetrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
             auth,
             connections: Arc::new(Semaphore::new(max_connections)),
+            unadmitted: Arc::default(),
+            subscriptions: Subscriptions::new(MAX_FILTERS_PER_CLIENT),
+            rejections,
             metrics,
             logs: Logs::default(),
         })
@@ -228,6 +238,13 @@ impl Guard {
                 }
                 Err(e) => return e,
             };
+            let Some(unadmitted) = Unadmitted::take(&self.unadmitted, addr.ip()) else {
+                let reason = format!(
+                    "{MAX_UNADMITTED_PER_ADDRESS} connections from this address are still logging in"
+                );
+                self.report(&config.name, &addr, None, End::Refused(reason));
+                continue; // dropping the stream closes it
+            };
             let Ok(slot) = self.connections.clone().try_acquire_owned() else {
                 self.report(
                     &config.name,
@@ -235,10 +252,13 @@ impl Guard {
                     None,
                     End::Refused("connection limit reached (router.max_connections)".into()),
                 );
-                continue; // dropping the stream closes it
+                continue;
             };
             let _ = stream.set_nodelay(true); // latency only; failure changes nothing else
-            tokio::spawn(self.clone().connection(stream, addr, config.clone(), slot));
+            tokio::spawn(
+                self.clone()
+                    .connection(stream, addr, config.clone(), slot, unadmitted),
+            );
         }
     }
 
@@ -248,13 +268,14 @@ impl Guard {
         addr: SocketAddr,
         config: Arc<GuardedListener>,
         _slot: OwnedSemaphorePermit,
+        unadmitted: Unadmitted,
     ) {
         let _open = OpenConnection::count(&self.metrics);
         let deadline = Instant::now() + config.connect_timeout;
         let (end, peer) = match &config.tls {
             Some(acceptor) => {
                 match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => self.session(tls, &config, deadline).await,
+                    Ok(Ok(tls)) => self.session(tls, &config, deadline, unadmitted).await,
                     Ok(Err(e)) => (End::Refused(format!("TLS handshake failed: {e}")), None),
                     Err(_) => (
                         End::Refused("no TLS handshake within connection_timeout_ms".into()),
@@ -262,7 +283,7 @@ impl Guard {
                     ),
                 }
             }
-            None => self.session(stream, &config, deadline).await,
+            None => self.session(stream, &config, deadline, unadmitted).await,
         };
         self.report(&config.name, &addr, peer.as_ref(), end);
     }
@@ -295,31 +316,39 @@ impl Guard {
                 tracing::warn!(listener, peer = %addr, client_id = %client_id, size, suppressed, "MQTT packet larger than max_payload_size; client disconnected")
             }
             End::Denied(what) => {
-                tracing::warn!(listener, peer = %addr, client_id = %client_id, denied = %what.escape_debug(), suppressed, "MQTT client used a topic outside its own; disconnected")
+                tracing::warn!(listener, peer = %addr, client_id = %client_id, denied = %what.escape_debug(), suppressed, "MQTT client broke a topic rule or limit; disconnected")
             }
             End::Closed | End::Revoked => {}
         }
     }
 
-    /// Reads the CONNECT, vets it, opens the upstream connection and relays until either side
-    /// closes. Returns how it ended and, once known, who the client was.
+    /// An oversized PUBLISH the guard recorded and answered; the client stays connected.
+    fn report_oversized(&self, listener: &str, peer: &Peer, size: usize) {
+        IngestMetrics::add(&self.metrics.oversized_packets, 1);
+        if let Some(suppressed) = throttled(&self.logs.oversized) {
+            tracing::warn!(listener, client_id = %peer.client_id.escape_debug(), size, suppressed, "MQTT message larger than max_payload_size; recorded as rejected and acknowledged");
+        }
+    }
+
+    /// Reads the CONNECT, vets it, checks the password, opens the upstream connection and
+    /// relays until either side closes. Returns how it ended and, once known, who the client
+    /// was.
     async fn session<S>(
         &self,
         client: S,
         config: &GuardedListener,
         deadline: Instant,
+        unadmitted: Unadmitted,
     ) -> (End, Option<Peer>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
         let (mut client_rx, mut client_tx) = tokio::io::split(client);
         let mut buf = BytesMut::with_capacity(1024);
-        let max = config.max_packet_size;
-        let first = tokio::time::timeout_at(
-            deadline,
-            next_frame(&mut client_rx, &mut buf, config.codec, max),
-        )
-        .await;
+        let (codec, max) = (config.codec, config.max_packet_size);
+        let first =
+            tokio::time::timeout_at(deadline, next_frame(&mut client_rx, &mut buf, codec, max))
+                .await;
         let connect = match first {
             Err(_) => {
                 return (
@@ -333,270 +362,116 @@ impl Guard {
             Ok(Err(FrameError::Oversized(n))) => return (End::Oversized(n), None),
             Ok(Err(e)) => return (End::Refused(format!("not MQTT: {e}")), None),
         };
-        let (fields, properties, will, will_properties, login) =
-            match config.codec.decode(&connect, max) {
-                Ok(Packet::Connect(fields, properties, will, will_properties, login)) => {
-                    (fields, properties, will, will_properties, login)
-                }
-                Ok(_) => return (End::Refused("first packet is not CONNECT".into()), None),
-                Err(e) => return (End::Refused(format!("invalid CONNECT: {e}")), None),
-            };
-        let will_topic = will
-            .as_ref()
-            .map(|w| String::from_utf8_lossy(&w.topic).into_owned());
-        let mut peer = Peer {
-            client_id: fields.client_id.clone(),
-            device: None,
+        let packet = match codec.decode(&connect, max) {
+            Ok(packet) => packet,
+            Err(e) => return (End::Refused(format!("invalid CONNECT: {e}")), None),
         };
-        // rumqttd refuses these only after registering the client, which can break its
-        // listener (upstream issue #1062); refuse them here instead.
-        if peer.client_id.contains(['/', '+', '#', '$'])
-            || peer.client_id.contains(char::is_control)
-        {
-            refuse_connect(
-                &mut client_tx,
-                config.codec,
-                ConnectReturnCode::ClientIdentifierNotValid,
-            )
-            .await;
-            return (
-                End::Refused("client id contains '/', '+', '#', '$' or a control character".into()),
-                Some(peer),
-            );
-        }
-        let mut connect = connect;
-        if let Some(auth) = &self.auth {
-            let Some(protocol::Login { username, password }) = login else {
-                refuse_connect(
-                    &mut client_tx,
-                    config.codec,
-                    ConnectReturnCode::BadUserNamePassword,
-                )
-                .await;
-                return (End::Unauthenticated("no username and password"), Some(peer));
-            };
-            if username != peer.client_id {
-                refuse_connect(
-                    &mut client_tx,
-                    config.codec,
-                    ConnectReturnCode::ClientIdentifierNotValid,
-                )
-                .await;
-                return (
-                    End::Unauthenticated("client id must equal the username"),
-                    Some(peer),
-                );
+        let admitted = match vet::vet(packet, self.auth.is_some()) {
+            Ok(admitted) => admitted,
+            Err(refused) => {
+                refuse_connect(&mut client_tx, codec, refused.code).await;
+                let peer = refused.client_id.map(|client_id| Peer {
+                    client_id,
+                    device: None,
+                });
+                return (refused.end, peer);
             }
-            if let Some(topic) = will_topic.filter(|t| !acl::may_publish(&username, t)) {
-                refuse_connect(
-                    &mut client_tx,
-                    config.codec,
-                    ConnectReturnCode::NotAuthorized,
-                )
-                .await;
-                return (End::Denied(format!("will topic {topic}")), Some(peer));
-            }
-            // Checked here, not only by rumqttd's hook, so that a wrong password gets a
-            // CONNACK saying so instead of a closed socket. rumqttd gets a token in place of
-            // the password and does not hash it again.
-            let vouched = match auth.vouch(&peer.client_id, &username, password).await {
-                Ok(token) => token,
-                Err(refusal) => {
-                    refuse_connect(
-                        &mut client_tx,
-                        config.codec,
-                        ConnectReturnCode::BadUserNamePassword,
-                    )
-                    .await;
-                    return (End::Unauthenticated(refusal.reason()), Some(peer));
+        };
+        let peer = Peer {
+            client_id: admitted.client_id.clone(),
+            device: admitted.device.clone(),
+        };
+        let vouched = match (&self.auth, &admitted.password) {
+            (Some(auth), Some(password)) => {
+                let check = auth.vouch(&peer.client_id, &peer.client_id, password.clone());
+                match until_deadline_or_gone(check, &mut client_rx, &mut buf, deadline, max).await {
+                    Waited::Done(Ok(token)) => Some(token),
+                    Waited::Done(Err(refusal)) => {
+                        let (code, end) = match refusal {
+                            Refusal::Busy => (
+                                codec.busy(),
+                                End::Refused("too many password checks waiting".into()),
+                            ),
+                            other => (
+                                ConnectReturnCode::BadUserNamePassword,
+                                End::Unauthenticated(other.reason()),
+                            ),
+                        };
+                        refuse_connect(&mut client_tx, codec, code).await;
+                        return (end, Some(peer));
+                    }
+                    Waited::Late => {
+                        refuse_connect(&mut client_tx, codec, codec.busy()).await;
+                        let reason = "password check not done within connection_timeout_ms";
+                        return (End::Refused(reason.into()), Some(peer));
+                    }
+                    Waited::Gone => return (End::Closed, Some(peer)),
                 }
-            };
-            let login = protocol::Login {
-                username: username.clone(),
-                password: vouched.to_owned(),
-            };
-            let rewritten = Packet::Connect(fields, properties, will, will_properties, Some(login));
-            match config.codec.encode(rewritten) {
-                Ok(rewritten) => connect = rewritten.freeze(),
-                Err(e) => return (End::Refused(format!("invalid CONNECT: {e}")), Some(peer)),
             }
-            peer.device = Some(username);
-        }
+            _ => None,
+        };
+        let keep_alive_off = admitted.keep_alive_off;
+        let connect = match admitted.upstream_connect(connect, codec, vouched) {
+            Ok(connect) => connect,
+            Err(e) => return (End::Refused(format!("invalid CONNECT: {e}")), Some(peer)),
+        };
+        drop(unadmitted);
 
         let mut upstream = match connect_upstream(&config.upstream).await {
             Ok(upstream) => upstream,
             Err(e) => {
                 tracing::error!(listener = %config.name, upstream = %config.upstream.get(), error = %e, "rumqttd's loopback listener is unreachable");
-                refuse_connect(
-                    &mut client_tx,
-                    config.codec,
-                    ConnectReturnCode::ServiceUnavailable,
-                )
-                .await;
+                refuse_connect(&mut client_tx, codec, ConnectReturnCode::ServiceUnavailable).await;
                 return (End::Closed, Some(peer));
             }
         };
         if upstream.write_all(&connect).await.is_err() {
             return (End::Closed, Some(peer));
         }
-        let (mut upstream_rx, mut upstream_tx) = upstream.into_split();
-
-        // rumqttd → client: unchanged.
-        let downstream = tokio::io::copy(&mut upstream_rx, &mut client_tx);
-        // client → rumqttd: packet by packet, checked; every packet already received goes
-        // out in one write (one syscall per read, not per packet, under a burst).
-        let checked = async {
-            let mut aliases = std::collections::HashMap::<u16, String>::new();
-            let mut checked = BytesMut::new();
-            loop {
-                let mut frame = next_frame(&mut client_rx, &mut buf, config.codec, max).await;
-                loop {
-                    let frame_bytes = match frame {
-                        Ok(Some(frame)) => frame,
-                        Ok(None) => return End::Closed,
-                        Err(FrameError::Oversized(n)) => return End::Oversized(n),
-                        Err(FrameError::Io(_)) => return End::Closed,
-                        Err(e) => return End::Refused(format!("not MQTT: {e}")),
-                    };
-                    if let Some(device) = &peer.device {
-                        match config.codec.decode(&frame_bytes, max) {
-                            Ok(packet) => {
-                                if let Err(denied) = authorize(device, &packet, &mut aliases) {
-                                    return denied;
-                                }
-                            }
-                            Err(e) => return End::Refused(format!("malformed packet: {e}")),
-                        }
-                    }
-                    checked.extend_from_slice(&frame_bytes);
-                    frame = match buffered_frame(&buf, config.codec, max) {
-                        Ok(Some(len)) => Ok(Some(buf.split_to(len).freeze())),
-                        Ok(None) => break,
-                        Err(e) => Err(e),
-                    };
-                }
-                if upstream_tx.write_all(&checked).await.is_err() {
-                    return End::Closed;
-                }
-                checked.clear();
-            }
-        };
-        let revoked = async {
-            match (&self.auth, &peer.device) {
-                (Some(auth), Some(device)) => {
-                    let mut changes = auth.subscribe_changes();
-                    while changes.changed().await.is_ok() {
-                        if !auth.knows(device) {
-                            return;
-                        }
-                    }
-                    std::future::pending().await
-                }
-                _ => std::future::pending().await,
-            }
-        };
-        tokio::pin!(downstream);
-        let end = tokio::select! {
-            _ = &mut downstream => End::Closed,
-            end = checked => {
-                if matches!(end, End::Closed) {
-                    // Let rumqttd close first. It reuses connection ids at once, and if the
-                    // upstream socket closed while its router still handled the client's
-                    // DISCONNECT, the connection task would send a second, late disconnect
-                    // for an id the next client may already have, dropping that client. After
-                    // a DISCONNECT rumqttd closes within milliseconds; a client that simply
-                    // vanished is closed after the grace.
-                    let _ = tokio::time::timeout(UPSTREAM_CLOSE_GRACE, &mut downstream).await;
-                }
-                end
-            }
-            () = revoked => End::Revoked,
-        };
+        let end = relay::relay(
+            self,
+            config,
+            &peer,
+            keep_alive_off,
+            client_rx,
+            client_tx,
+            buf,
+            upstream,
+        )
+        .await;
         (end, Some(peer))
     }
 }
 
-/// Checks one packet of an authenticated device against the topic rules.
-fn authorize(
-    device: &str,
-    packet: &Packet,
-    aliases: &mut std::collections::HashMap<u16, String>,
-) -> Result<(), End> {
-    match packet {
-        Packet::Publish(publish, properties) => {
-            let alias = properties.as_ref().and_then(|p| p.topic_alias);
-            let topic = match (publish.topic.is_empty(), alias) {
-                (false, alias) => {
-                    let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-                    if let Some(alias) = alias {
-                        aliases.insert(alias, topic.clone());
-                    }
-                    topic
-                }
-                (true, Some(alias)) => aliases.get(&alias).cloned().unwrap_or_default(),
-                (true, None) => String::new(),
-            };
-            if acl::may_publish(device, &topic) {
-                Ok(())
-            } else {
-                Err(End::Denied(format!("publish to {topic}")))
-            }
-        }
-        Packet::Subscribe(subscribe, _) => {
-            match subscribe
-                .filters
-                .iter()
-                .find(|f| !acl::may_subscribe(device, &f.path))
-            {
-                Some(filter) => Err(End::Denied(format!("subscribe to {}", filter.path))),
-                None => Ok(()),
-            }
-        }
-        Packet::Connect(..) => Err(End::Refused("second CONNECT".into())),
-        _ => Ok(()),
-    }
+/// How waiting for a password check ended.
+enum Waited<T> {
+    Done(T),
+    /// The connection's deadline passed first.
+    Late,
+    /// The client closed its connection meanwhile; dropping the check skips it.
+    Gone,
 }
 
-#[derive(Debug, thiserror::Error)]
-enum FrameError {
-    #[error("packet of {0} bytes exceeds max_payload_size")]
-    Oversized(usize),
-    #[error("{0}")]
-    Protocol(protocol::Error),
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-}
-
-/// The length of the complete packet at the start of `buf`, `None` if more bytes are needed.
-fn buffered_frame(buf: &[u8], codec: Codec, max: usize) -> Result<Option<usize>, FrameError> {
-    match codec.frame_len(buf, max) {
-        Ok(len) => Ok(Some(len)),
-        Err(protocol::Error::InsufficientBytes(_)) => Ok(None),
-        Err(protocol::Error::PayloadSizeLimitExceeded(n)) => Err(FrameError::Oversized(n)),
-        Err(e) => Err(FrameError::Protocol(e)),
-    }
-}
-
-/// The next complete packet (fixed header included), or `None` at a clean end of stream.
-/// Reads at most one packet plus 4 KiB ahead, so a client cannot make the guard buffer more
-/// than `max` bytes.
-async fn next_frame<R: AsyncRead + Unpin>(
-    reader: &mut R,
+/// Awaits `check` while watching the client: what it sends meanwhile is kept in `buf` (up to
+/// one packet ahead), and if it leaves the check is abandoned.
+async fn until_deadline_or_gone<T, R: AsyncRead + Unpin>(
+    check: impl std::future::Future<Output = T>,
+    client_rx: &mut R,
     buf: &mut BytesMut,
-    codec: Codec,
+    deadline: Instant,
     max: usize,
-) -> Result<Option<Bytes>, FrameError> {
+) -> Waited<T> {
+    tokio::pin!(check);
+    let mut reading = true;
     loop {
-        if let Some(len) = buffered_frame(buf, codec, max)? {
-            return Ok(Some(buf.split_to(len).freeze()));
-        }
-        buf.reserve(4096);
-        if reader.read_buf(buf).await? == 0 {
-            return if buf.is_empty() {
-                Ok(None)
-            } else {
-                Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()))
-            };
+        tokio::select! {
+            verdict = &mut check => return Waited::Done(verdict),
+            () = tokio::time::sleep_until(deadline) => return Waited::Late,
+            read = client_rx.read_buf(buf), if reading => match read {
+                Ok(0) | Err(_) => return Waited::Gone,
+                // Enough read ahead: stop reading (and so stop noticing a departure).
+                Ok(_) => reading = buf.len() <= max + 4096,
+            },
         }
     }
 }

@@ -22,7 +22,7 @@ use chrono::{DateTime, NaiveDateTime, TimeDelta, TimeZone, Utc};
 use chrono_tz::Tz;
 use co2_proto::{DeviceId, MeasuredAt, Payload};
 
-use super::record::{truncate_utf8, Reading, Record, Rejection};
+use super::record::{Reading, Record, Rejection};
 use crate::settings::IngestSettings;
 
 /// The oldest measurement time accepted: anything earlier is an unsynchronised clock.
@@ -53,19 +53,13 @@ impl Classifier {
         let received_at = truncate_to_millis(received_at);
         match self.reading(topic, payload, received_at) {
             Ok(reading) => Record::Reading(reading),
-            Err(reason) => {
-                let topic = String::from_utf8_lossy(topic);
-                let text = String::from_utf8_lossy(
-                    &payload[..payload.len().min(Rejection::MAX_PAYLOAD_BYTES)],
-                );
-                Record::Rejection(Rejection {
-                    received_at: received_at.naive_utc(),
-                    topic: truncate_utf8(&topic, Rejection::MAX_TOPIC_BYTES).to_owned(),
-                    payload: truncate_utf8(&text, Rejection::MAX_PAYLOAD_BYTES).to_owned(),
-                    payload_bytes: u32::try_from(payload.len()).unwrap_or(u32::MAX),
-                    reason: truncate_utf8(&reason, Rejection::MAX_REASON_BYTES).to_owned(),
-                })
-            }
+            Err(reason) => Record::Rejection(Rejection::new(
+                received_at,
+                &String::from_utf8_lossy(topic),
+                payload,
+                payload.len(),
+                &reason,
+            )),
         }
     }
 

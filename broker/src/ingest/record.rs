@@ -44,6 +44,28 @@ impl Rejection {
     pub const MAX_PAYLOAD_BYTES: usize = 1024;
     pub const MAX_TOPIC_BYTES: usize = 255;
     pub const MAX_REASON_BYTES: usize = 255;
+
+    /// A rejection of a message received at `received_at`, its fields cut to their columns;
+    /// `payload_start` may be the whole payload or just its beginning, `payload_bytes` is the
+    /// full length.
+    pub fn new(
+        received_at: chrono::DateTime<chrono::Utc>,
+        topic: &str,
+        payload_start: &[u8],
+        payload_bytes: usize,
+        reason: &str,
+    ) -> Self {
+        let text = String::from_utf8_lossy(
+            &payload_start[..payload_start.len().min(Self::MAX_PAYLOAD_BYTES)],
+        );
+        Self {
+            received_at: received_at.naive_utc(),
+            topic: truncate_utf8(topic, Self::MAX_TOPIC_BYTES).to_owned(),
+            payload: truncate_utf8(&text, Self::MAX_PAYLOAD_BYTES).to_owned(),
+            payload_bytes: u32::try_from(payload_bytes).unwrap_or(u32::MAX),
+            reason: truncate_utf8(reason, Self::MAX_REASON_BYTES).to_owned(),
+        }
+    }
 }
 
 /// One classified MQTT message.

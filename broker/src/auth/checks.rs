@@ -1,0 +1,293 @@
+//! Password checks: Argon2 on a fixed pool of threads behind a bounded queue, and a short-lived
+//! memory of passwords that were right.
+//!
+//! An Argon2 check costs ~20 ms of CPU and 19 MiB, by design. A flood of CONNECTs with wrong
+//! passwords must therefore neither queue without bound (every waiting connection holds a slot
+//! and its buffers, and a legitimate device would wait behind all of them) nor spread over
+//! tokio's blocking pool (each of its up to 512 threads keeps its own malloc arena of 19 MiB).
+//! So:
+//! - [`CHECK_THREADS`] threads do all the hashing; their memory is reused check after check;
+//! - at most [`QUEUED_CHECKS`] checks wait for them; beyond that a CONNECT is refused at once
+//!   as "server busy" (the device retries, as it would after any refusal);
+//! - a check whose client is gone by the time a thread takes it is skipped (the waiting side
+//!   dropped its receiver);
+//! - a device's password that was right is remembered for [`VERIFIED_FOR`] as a keyed hash, so
+//!   a device reconnecting (a flapping network, an agent restarting) skips the queue and the
+//!   Argon2 cost, also while a flood of wrong passwords keeps the threads busy.
+//!
+//! The memory holds, per device, a BLAKE2b hash of the password under a random per-process key
+//! and the stored Argon2 hash it was checked against: a wrong password, a changed password in
+//! the credentials file or a removed device all miss it. It never leaves the process and is
+//! bounded by the number of devices in the file.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use blake2::{Blake2b512, Digest};
+use tokio::sync::oneshot;
+
+use super::credentials::Credentials;
+
+/// Threads that run Argon2.
+pub const CHECK_THREADS: usize = 2;
+/// Checks that may wait for a thread: at ~20 ms a check, the last one waits ~0.3 s.
+pub const QUEUED_CHECKS: usize = 32;
+/// How long a password that was right is taken as right again without Argon2.
+pub const VERIFIED_FOR: Duration = Duration::from_secs(600);
+
+/// Why a password could not be confirmed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckError {
+    /// Unknown device or wrong password.
+    Wrong,
+    /// Too many checks waiting: try again later.
+    Busy,
+}
+
+/// The pool, its queue and the memory of right passwords. Dropping it ends the threads once
+/// the queue is drained.
+pub struct PasswordChecks {
+    queue: SyncSender<Job>,
+    verified: Mutex<HashMap<String, Verified>>,
+    /// Key of the remembered password hashes; random per process.
+    key: [u8; 32],
+    /// Argon2 checks computed, for tests and the curious.
+    pub hashed: Arc<AtomicU64>,
+}
+
+struct Job {
+    credentials: Arc<Credentials>,
+    device: String,
+    password: String,
+    verdict: oneshot::Sender<bool>,
+}
+
+struct Verified {
+    password: [u8; 64],
+    /// The credentials file's hash the password was checked against.
+    stored_hash: String,
+    until: Instant,
+}
+
+impl PasswordChecks {
+    pub fn new() -> Self {
+        let (queue, jobs) = sync_channel(QUEUED_CHECKS);
+        let jobs = Arc::new(Mutex::new(jobs));
+        let hashed = Arc::new(AtomicU64::new(0));
+        for n in 0..CHECK_THREADS {
+            let (jobs, hashed) = (jobs.clone(), hashed.clone());
+            // A thread that cannot be started leaves fewer threads; with none, every check
+            // waits until its connection's deadline and is refused, which is loud enough.
+            let started = std::thread::Builder::new()
+                .name(format!("co2-password-check-{n}"))
+                .spawn(move || run_checks(&jobs, &hashed));
+            if let Err(e) = started {
+                tracing::error!(error = %e, "cannot start a password check thread");
+            }
+        }
+        let mut key = [0u8; 32];
+        argon2::password_hash::rand_core::RngCore::fill_bytes(
+            &mut argon2::password_hash::rand_core::OsRng,
+            &mut key,
+        );
+        Self {
+            queue,
+            verified: Mutex::new(HashMap::new()),
+            key,
+            hashed,
+        }
+    }
+
+    /// Whether `password` is `device`'s password in `credentials`. Cancel-safe: dropping the
+    /// future before the check started skips the check.
+    pub async fn check(
+        &self,
+        credentials: Arc<Credentials>,
+        device: &str,
+        password: String,
+    ) -> Result<(), CheckError> {
+        let keyed = self.keyed(&password);
+        let stored_hash = credentials.hash_of(device).map(str::to_owned);
+        if let Some(stored) = &stored_hash {
+            if self.remembered(device, stored, &keyed) {
+                return Ok(());
+            }
+        }
+        let (verdict, answer) = oneshot::channel();
+        let job = Job {
+            credentials,
+            device: device.to_owned(),
+            password,
+            verdict,
+        };
+        match self.queue.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(CheckError::Busy),
+            // No thread left to check: nobody gets in, and the log says why.
+            Err(TrySendError::Disconnected(_)) => return Err(CheckError::Busy),
+        }
+        match answer.await {
+            Ok(true) => {
+                if let Some(stored_hash) = stored_hash {
+                    self.remember(device, stored_hash, keyed);
+                }
+                Ok(())
+            }
+            Ok(false) => Err(CheckError::Wrong),
+            Err(_) => Err(CheckError::Busy), // the checking thread died
+        }
+    }
+
+    /// Forgets every remembered password (the credentials file changed).
+    pub fn forget_all(&self) {
+        self.verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    fn keyed(&self, password: &str) -> [u8; 64] {
+        let digest = Blake2b512::new()
+            .chain_update(self.key)
+            .chain_update(password.as_bytes())
+            .finalize();
+        digest.into()
+    }
+
+    fn remembered(&self, device: &str, stored_hash: &str, keyed: &[u8; 64]) -> bool {
+        let verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        verified.get(device).is_some_and(|v| {
+            v.until > Instant::now()
+                && v.stored_hash == stored_hash
+                && constant_time_eq(&v.password, keyed)
+        })
+    }
+
+    fn remember(&self, device: &str, stored_hash: String, password: [u8; 64]) {
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        verified.retain(|_, v| v.until > now);
+        verified.insert(
+            device.to_owned(),
+            Verified {
+                password,
+                stored_hash,
+                until: now + VERIFIED_FOR,
+            },
+        );
+    }
+}
+
+impl Default for PasswordChecks {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One checking thread: takes jobs until every sender is gone.
+fn run_checks(jobs: &Mutex<Receiver<Job>>, hashed: &AtomicU64) {
+    loop {
+        let job = {
+            let jobs = jobs.lock().unwrap_or_else(|e| e.into_inner());
+            match jobs.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            }
+        };
+        if job.verdict.is_closed() {
+            continue; // the client left (or its deadline passed) while the check waited
+        }
+        let right = job.credentials.verify(&job.device, &job.password);
+        hashed.fetch_add(1, Ordering::Relaxed);
+        let _ = job.verdict.send(right); // a client that left meanwhile needs no answer
+    }
+}
+
+/// Compared in constant time: how much of a secret a guess got right must not show.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::credentials::hash_password_with;
+
+    fn credentials(devices: &[(&str, &str)], cost_kib: u32) -> Arc<Credentials> {
+        let params = argon2::Params::new(cost_kib, 1, 1, None).unwrap();
+        let mut credentials = Credentials::default();
+        for (device, password) in devices {
+            let hash = hash_password_with(password, params.clone()).unwrap();
+            credentials.set(device, hash).unwrap();
+        }
+        Arc::new(credentials)
+    }
+
+    #[tokio::test]
+    async fn right_wrong_and_remembered() {
+        let checks = PasswordChecks::new();
+        let creds = credentials(&[("pi-1", "one")], 8);
+        assert_eq!(
+            checks.check(creds.clone(), "pi-1", "two".into()).await,
+            Err(CheckError::Wrong)
+        );
+        assert_eq!(
+            checks.check(creds.clone(), "pi-9", "one".into()).await,
+            Err(CheckError::Wrong)
+        );
+        assert_eq!(
+            checks.check(creds.clone(), "pi-1", "one".into()).await,
+            Ok(())
+        );
+        assert!(checks.remembered("pi-1", creds.hash_of("pi-1").unwrap(), &checks.keyed("one")));
+        assert!(!checks.remembered("pi-1", creds.hash_of("pi-1").unwrap(), &checks.keyed("onE")));
+        // A new password in the file does not match what was remembered for the old one.
+        let changed = credentials(&[("pi-1", "one")], 8);
+        assert!(!checks.remembered(
+            "pi-1",
+            changed.hash_of("pi-1").unwrap(),
+            &checks.keyed("one")
+        ));
+        checks.forget_all();
+        assert!(!checks.remembered("pi-1", creds.hash_of("pi-1").unwrap(), &checks.keyed("one")));
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_answers_busy_at_once_and_departed_checks_are_skipped() {
+        let checks = Arc::new(PasswordChecks::new());
+        // Expensive enough that the threads stay busy while the queue fills.
+        let creds = credentials(&[("pi-1", "one")], 16 * 1024);
+        let mut waiting = Vec::new();
+        for _ in 0..(CHECK_THREADS + QUEUED_CHECKS + 8) {
+            let (checks, creds) = (checks.clone(), creds.clone());
+            waiting.push(tokio::spawn(async move {
+                checks.check(creds, "pi-1", "wrong".into()).await
+            }));
+        }
+        // Those that did not fit were told at once; the rest leave before their turn.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        for w in &waiting {
+            if !w.is_finished() {
+                w.abort();
+            }
+        }
+        let mut busy = 0;
+        for w in waiting {
+            if let Ok(Err(CheckError::Busy)) = w.await {
+                busy += 1;
+            }
+        }
+        assert!(busy >= 8, "{busy} refused as busy");
+        // Only the checks already running when their clients left were computed.
+        assert_eq!(checks.check(creds, "pi-1", "one".into()).await, Ok(()));
+        let hashed = checks.hashed.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            hashed <= 3 * CHECK_THREADS as u64 + 1,
+            "{hashed} checks ran for {} clients that left",
+            QUEUED_CHECKS
+        );
+    }
+}
