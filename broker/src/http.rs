@@ -170,6 +170,11 @@ pub fn render_metrics(m: &IngestMetrics) -> String {
             &m.auth_refused,
         ),
         (
+            "co2_password_hashes_total",
+            "Argon2 password checks computed (remembered passwords and refused or abandoned checks cost none).",
+            &m.password_hashes,
+        ),
+        (
             "co2_connections_refused_total",
             "Connections refused: limit, CONNECT timeout, not MQTT, TLS failure, invalid client id.",
             &m.connections_refused,

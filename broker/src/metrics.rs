@@ -43,6 +43,9 @@ pub struct IngestMetrics {
     /// MQTT CONNECTs refused by authentication: unknown device, wrong password, or a client
     /// id that is not the username.
     pub auth_refused: AtomicU64,
+    /// Argon2 password hashes computed (a remembered password, a full queue or a client that
+    /// left before its turn costs none): what a login flood costs the broker.
+    pub password_hashes: AtomicU64,
     /// Connections closed by the guard before reaching the broker: over the connection limit,
     /// no CONNECT in time, not MQTT, a failed TLS handshake, an invalid client id.
     pub connections_refused: AtomicU64,

@@ -21,7 +21,6 @@
 //! bounded by the number of devices in the file.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,6 +29,7 @@ use blake2::{Blake2b512, Digest};
 use tokio::sync::oneshot;
 
 use super::credentials::Credentials;
+use crate::metrics::IngestMetrics;
 
 /// Threads that run Argon2.
 pub const CHECK_THREADS: usize = 2;
@@ -54,8 +54,6 @@ pub struct PasswordChecks {
     verified: Mutex<HashMap<String, Verified>>,
     /// Key of the remembered password hashes; random per process.
     key: [u8; 32],
-    /// Argon2 checks computed, for tests and the curious.
-    pub hashed: Arc<AtomicU64>,
 }
 
 struct Job {
@@ -73,17 +71,17 @@ struct Verified {
 }
 
 impl PasswordChecks {
-    pub fn new() -> Self {
+    /// Counts every Argon2 computation in `metrics.password_hashes`.
+    pub fn new(metrics: Arc<IngestMetrics>) -> Self {
         let (queue, jobs) = sync_channel(QUEUED_CHECKS);
         let jobs = Arc::new(Mutex::new(jobs));
-        let hashed = Arc::new(AtomicU64::new(0));
         for n in 0..CHECK_THREADS {
-            let (jobs, hashed) = (jobs.clone(), hashed.clone());
+            let (jobs, metrics) = (jobs.clone(), metrics.clone());
             // A thread that cannot be started leaves fewer threads; with none, every check
             // waits until its connection's deadline and is refused, which is loud enough.
             let started = std::thread::Builder::new()
                 .name(format!("co2-password-check-{n}"))
-                .spawn(move || run_checks(&jobs, &hashed));
+                .spawn(move || run_checks(&jobs, &metrics));
             if let Err(e) = started {
                 tracing::error!(error = %e, "cannot start a password check thread");
             }
@@ -97,7 +95,6 @@ impl PasswordChecks {
             queue,
             verified: Mutex::new(HashMap::new()),
             key,
-            hashed,
         }
     }
 
@@ -181,14 +178,8 @@ impl PasswordChecks {
     }
 }
 
-impl Default for PasswordChecks {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// One checking thread: takes jobs until every sender is gone.
-fn run_checks(jobs: &Mutex<Receiver<Job>>, hashed: &AtomicU64) {
+fn run_checks(jobs: &Mutex<Receiver<Job>>, metrics: &IngestMetrics) {
     loop {
         let job = {
             let jobs = jobs.lock().unwrap_or_else(|e| e.into_inner());
@@ -201,7 +192,7 @@ fn run_checks(jobs: &Mutex<Receiver<Job>>, hashed: &AtomicU64) {
             continue; // the client left (or its deadline passed) while the check waited
         }
         let right = job.credentials.verify(&job.device, &job.password);
-        hashed.fetch_add(1, Ordering::Relaxed);
+        IngestMetrics::add(&metrics.password_hashes, 1);
         let _ = job.verdict.send(right); // a client that left meanwhile needs no answer
     }
 }
@@ -228,7 +219,7 @@ mod tests {
 
     #[tokio::test]
     async fn right_wrong_and_remembered() {
-        let checks = PasswordChecks::new();
+        let checks = PasswordChecks::new(Arc::default());
         let creds = credentials(&[("pi-1", "one")], 8);
         assert_eq!(
             checks.check(creds.clone(), "pi-1", "two".into()).await,
@@ -257,7 +248,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_answers_busy_at_once_and_departed_checks_are_skipped() {
-        let checks = Arc::new(PasswordChecks::new());
+        let metrics = Arc::new(IngestMetrics::default());
+        let checks = Arc::new(PasswordChecks::new(metrics.clone()));
         // Expensive enough that the threads stay busy while the queue fills.
         let creds = credentials(&[("pi-1", "one")], 16 * 1024);
         let mut waiting = Vec::new();
@@ -283,7 +275,7 @@ mod tests {
         assert!(busy >= 8, "{busy} refused as busy");
         // Only the checks already running when their clients left were computed.
         assert_eq!(checks.check(creds, "pi-1", "one".into()).await, Ok(()));
-        let hashed = checks.hashed.load(std::sync::atomic::Ordering::Relaxed);
+        let hashed = IngestMetrics::get(&metrics.password_hashes);
         assert!(
             hashed <= 3 * CHECK_THREADS as u64 + 1,
             "{hashed} checks ran for {} clients that left",

@@ -107,7 +107,7 @@ impl Authenticator {
             path: path.to_owned(),
             credentials: RwLock::new(Arc::new(credentials)),
             stamp: Mutex::new(stamp),
-            checks: PasswordChecks::new(),
+            checks: PasswordChecks::new(metrics.clone()),
             metrics,
             refusal_log: Mutex::new(Throttle::new(Duration::from_secs(1))),
             changed: watch::channel(0).0,

@@ -102,8 +102,10 @@ pub struct Guard {
     /// Connections per address not admitted yet; see [`MAX_UNADMITTED_PER_ADDRESS`].
     unadmitted: Arc<Mutex<HashMap<IpAddr, usize>>>,
     subscriptions: Subscriptions,
-    /// The writer's queue, for the oversized messages the guard records itself.
-    rejections: mpsc::Sender<Record>,
+    /// The writer's queue, for the oversized messages the guard records itself. Weak: the
+    /// writer drains and stops once the ingest link's sender is gone, whatever clients are
+    /// still connected.
+    rejections: mpsc::WeakSender<Record>,
     metrics: Arc<IngestMetrics>,
     logs: Logs,
 }
@@ -215,7 +217,7 @@ impl Guard {
             connections: Arc::new(Semaphore::new(max_connections)),
             unadmitted: Arc::default(),
             subscriptions: Subscriptions::new(MAX_FILTERS_PER_CLIENT),
-            rejections,
+            rejections: rejections.downgrade(),
             metrics,
             logs: Logs::default(),
         })

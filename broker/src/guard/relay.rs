@@ -275,7 +275,7 @@ async fn answer_oversized<R: AsyncRead + Unpin>(
     );
     guard
         .record_oversized(&config.name, peer, &publish, &reason)
-        .await;
+        .await?;
     Ok((publish.qos == 1).then(|| config.codec.puback(publish.pkid, &reason)))
 }
 
@@ -397,22 +397,27 @@ impl OversizedPublish {
 
 impl Guard {
     /// Hands an oversized PUBLISH to the writer as a rejection; it waits for room in the
-    /// writer's queue (only this client waits).
+    /// writer's queue (only this client waits). Once the broker is shutting down the writer
+    /// takes nothing new: the client is disconnected unanswered and sends it again later.
     async fn record_oversized(
         &self,
         listener: &str,
         peer: &Peer,
         publish: &OversizedPublish,
         reason: &str,
-    ) {
+    ) -> Result<(), End> {
         use crate::metrics::IngestMetrics;
+        let rejection = Record::Rejection(publish.rejection(reason));
+        let Some(writer) = self.rejections.upgrade() else {
+            return Err(End::Closed);
+        };
+        if writer.send(rejection).await.is_err() {
+            return Err(End::Closed);
+        }
         IngestMetrics::add(&self.metrics.received, 1);
         IngestMetrics::add(&self.metrics.rejected, 1);
         self.report_oversized(listener, peer, publish.payload_bytes);
-        let rejection = Record::Rejection(publish.rejection(reason));
-        if self.rejections.send(rejection).await.is_err() {
-            tracing::error!(listener, topic = %publish.topic.escape_debug(), "an oversized message could not be recorded: the writer has stopped");
-        }
+        Ok(())
     }
 }
 

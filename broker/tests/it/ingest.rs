@@ -42,11 +42,20 @@ async fn every_payload_format_is_stored(url: &str) {
     )
     .await;
     mqtt::publish_one(v4, "co2/pi-bad", "not a reading").await;
+    // Every digit as sent (the default JSON float parser can be 1 ulp off).
+    mqtt::publish_one(v4, "co2/pi-precise", r#"{"value":20261.933683006926}"#).await;
+    // Epoch times are truncated to the millisecond, as RFC 3339 ones are: one instant, one row.
+    mqtt::publish_one(v4, "co2/pi-frac", r#"{"ts":1594680203.9996,"value":1}"#).await;
+    // Device ids differing only in trailing spaces would merge under MySQL's PAD SPACE
+    // collations (silent loss); they are refused instead.
+    for topic in ["co2/padprobe", "co2/padprobe ", "co2/padprobe  "] {
+        mqtt::publish_one(v4, topic, r#"{"ts":"2026-11-24T10:00:02Z","value":500}"#).await;
+    }
 
     let db = db::connect(url).await;
-    let rows = eventually(Duration::from_secs(10), "5 readings", || async {
+    let rows = eventually(Duration::from_secs(10), "8 readings", || async {
         let rows = db::readings(&db).await;
-        (rows.len() == 5).then_some(rows)
+        (rows.len() == 8).then_some(rows)
     })
     .await;
     let by_device = |d: &str| {
@@ -84,6 +93,13 @@ async fn every_payload_format_is_stored(url: &str) {
     );
     assert_eq!(bare.date_time, Some(bare.received_at));
 
+    assert_eq!(by_device("pi-precise").emissions, Some(20261.933683006926));
+    assert_eq!(
+        by_device("pi-frac").date_time.unwrap().to_string(),
+        "2020-07-13 22:43:23.999"
+    );
+    assert_eq!(by_device("padprobe").topic, "co2/padprobe");
+
     // Each device's first batch writes its row in `devices`; the rejected one has none.
     let devices = db::devices(&db).await;
     assert_eq!(
@@ -91,7 +107,16 @@ async fn every_payload_format_is_stored(url: &str) {
             .iter()
             .map(|d| d.device_id.as_str())
             .collect::<Vec<_>>(),
-        ["pi-bare", "pi-epoch", "pi-json", "pi-legacy", "pi-v5"]
+        [
+            "padprobe",
+            "pi-bare",
+            "pi-epoch",
+            "pi-frac",
+            "pi-json",
+            "pi-legacy",
+            "pi-precise",
+            "pi-v5"
+        ]
     );
     for device in &devices {
         let reading = by_device(&device.device_id);
@@ -102,15 +127,21 @@ async fn every_payload_format_is_stored(url: &str) {
         );
     }
 
-    let rejected = eventually(Duration::from_secs(5), "1 rejection", || async {
+    let mut rejected = eventually(Duration::from_secs(5), "3 rejections", || async {
         let r = db::rejections(&db).await;
-        (r.len() == 1).then_some(r)
+        (r.len() == 3).then_some(r)
     })
     .await;
-    assert_eq!(rejected[0].topic, "co2/pi-bad");
-    assert_eq!(rejected[0].payload, "not a reading");
+    rejected.sort_by(|a, b| a.topic.cmp(&b.topic));
+    assert_eq!(rejected[0].topic, "co2/padprobe ");
+    assert_eq!(rejected[1].topic, "co2/padprobe  ");
+    for padded in &rejected[..2] {
+        assert!(padded.reason.contains("whitespace"), "{padded:?}");
+    }
+    assert_eq!(rejected[2].topic, "co2/pi-bad");
+    assert_eq!(rejected[2].payload, "not a reading");
     assert_eq!(
-        rejected[0].reason,
+        rejected[2].reason,
         r#"value is not a number: "not a reading""#
     );
 
@@ -120,7 +151,7 @@ async fn every_payload_format_is_stored(url: &str) {
     assert!(ack.stored.contains(41), "{ack:?}");
 
     let mut seen = Vec::new();
-    while seen.len() < 6 {
+    while seen.len() < 11 {
         seen.push(next_publish(&mut watcher_events).await.0);
     }
     assert!(seen.contains(&"co2/pi-bad".to_owned()), "{seen:?}");
@@ -128,9 +159,9 @@ async fn every_payload_format_is_stored(url: &str) {
 
     let metrics = &broker.metrics;
     use std::sync::atomic::Ordering::Relaxed;
-    assert_eq!(metrics.received.load(Relaxed), 6);
-    assert_eq!(metrics.stored.load(Relaxed), 5);
-    assert_eq!(metrics.rejected.load(Relaxed), 1);
+    assert_eq!(metrics.received.load(Relaxed), 11);
+    assert_eq!(metrics.stored.load(Relaxed), 8);
+    assert_eq!(metrics.rejected.load(Relaxed), 3);
     broker.stop().await;
 }
 

@@ -6,6 +6,7 @@ mod config;
 mod edge;
 mod faults;
 mod grafana;
+mod hostile;
 mod ingest;
 mod legacy;
 mod metrics;

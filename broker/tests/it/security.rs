@@ -16,11 +16,11 @@ use tokio::io::AsyncWriteExt;
 use crate::support::broker::{config_file, BrokerProcess, TestBroker};
 use crate::support::{db, eventually, unique_client_id};
 
-/// Writes a credentials file with cheap Argon2 parameters (the hash string carries them).
 /// Name of the credentials file the tests write into their temp dir.
 const CREDENTIALS_FILE: &str = "devices.passwd";
 
-fn credentials_file(dir: &Path, devices: &[(&str, &str)]) -> PathBuf {
+/// Writes a credentials file with cheap Argon2 parameters (the hash string carries them).
+pub(crate) fn credentials_file(dir: &Path, devices: &[(&str, &str)]) -> PathBuf {
     let cheap = argon2::Params::new(8, 1, 1, None).unwrap();
     let mut credentials = Credentials::default();
     for (device, password) in devices {
@@ -33,12 +33,12 @@ fn credentials_file(dir: &Path, devices: &[(&str, &str)]) -> PathBuf {
     path
 }
 
-fn sqlite_url(dir: &Path) -> String {
+pub(crate) fn sqlite_url(dir: &Path) -> String {
     format!("sqlite://{}/co2.db?mode=rwc", dir.display())
 }
 
 /// An in-process broker on SQLite in `dir` that knows exactly `devices`.
-async fn broker_with_devices(dir: &Path, devices: &[(&str, &str)]) -> TestBroker {
+pub(crate) async fn broker_with_devices(dir: &Path, devices: &[(&str, &str)]) -> TestBroker {
     let creds = credentials_file(dir, devices);
     TestBroker::start_with(
         &sqlite_url(dir),
@@ -47,13 +47,13 @@ async fn broker_with_devices(dir: &Path, devices: &[(&str, &str)]) -> TestBroker
     .await
 }
 
-struct Login<'a> {
-    client_id: &'a str,
-    username: Option<&'a str>,
-    password: &'a str,
+pub(crate) struct Login<'a> {
+    pub client_id: &'a str,
+    pub username: Option<&'a str>,
+    pub password: &'a str,
 }
 
-fn device<'a>(id: &'a str, password: &'static str) -> Login<'a> {
+pub(crate) fn device<'a>(id: &'a str, password: &'static str) -> Login<'a> {
     Login {
         client_id: id,
         username: Some(id),
@@ -62,7 +62,7 @@ fn device<'a>(id: &'a str, password: &'static str) -> Login<'a> {
 }
 
 /// Connects and waits for the CONNACK; Err describes the refusal.
-async fn connect(
+pub(crate) async fn connect(
     addr: SocketAddr,
     login: &Login<'_>,
     tls: Option<Arc<rustls::ClientConfig>>,
@@ -97,7 +97,7 @@ async fn connect(
 }
 
 /// Publishes at QoS 1 and waits for the PUBACK; Err if the broker closes the connection.
-async fn publish(
+pub(crate) async fn publish(
     client: &AsyncClient,
     events: &mut EventLoop,
     topic: &str,
@@ -111,7 +111,7 @@ async fn publish(
 }
 
 /// Polls until `wanted` arrives (Ok) or the connection ends (Err).
-async fn until_closed_or(
+pub(crate) async fn until_closed_or(
     events: &mut EventLoop,
     wanted: impl Fn(&Packet) -> bool,
 ) -> Result<(), String> {
@@ -137,7 +137,7 @@ async fn stored_devices(url: &str) -> Vec<String> {
         .collect()
 }
 
-fn count(counter: &std::sync::atomic::AtomicU64) -> u64 {
+pub(crate) fn count(counter: &std::sync::atomic::AtomicU64) -> u64 {
     IngestMetrics::get(counter)
 }
 
@@ -196,11 +196,12 @@ async fn only_known_devices_with_their_own_client_id_get_in() {
     broker.stop().await;
 }
 
-/// Local processes can reach rumqttd's loopback port without the guard. The guard hands
-/// rumqttd a token in place of a password it has checked; that shortcut must not open the
-/// back door: a direct CONNECT is still checked against the credentials file.
+/// Local processes can reach rumqttd's loopback port without the guard. rumqttd lets in only
+/// the guard's per-process token, so even a device's right password does not get a local
+/// process past the topic rules (it could otherwise subscribe to `#`, publish as any device,
+/// or forge another device's storage acks).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bypassing_the_guard_still_needs_the_password() {
+async fn bypassing_the_guard_gets_nobody_in() {
     let dir = tempfile::tempdir().unwrap();
     let creds = credentials_file(dir.path(), &[("pi-7", "seven")]);
     let setup = config_file(
@@ -210,22 +211,21 @@ async fn bypassing_the_guard_still_needs_the_password() {
     );
     let broker = BrokerProcess::spawn(&setup).await;
     let inner = broker.rumqttd_address("test-v4");
-    assert!(
-        connect(inner, &device("pi-7", "eight"), None)
-            .await
-            .is_err(),
-        "wrong password, straight to rumqttd"
-    );
-    let direct = connect(inner, &device("pi-7", "seven"), None)
-        .await
-        .expect("right password, straight to rumqttd");
-    drop(direct);
+    for password in ["eight", "seven"] {
+        // rumqttd closes the connection without a CONNACK.
+        assert!(
+            connect(inner, &device("pi-7", password), None)
+                .await
+                .is_err(),
+            "password {password:?} let a client past the guard"
+        );
+    }
     connect(setup.v4, &device("pi-7", "seven"), None)
         .await
         .expect("right password, through the guard");
     assert!(
-        broker.log().contains("unknown device or wrong password"),
-        "the direct refusal is logged by rumqttd's hook:\n{}",
+        broker.log().contains("not through the guard"),
+        "the direct refusals are logged by rumqttd's hook:\n{}",
         broker.log()
     );
 }
@@ -491,13 +491,24 @@ impl TestPki {
     }
 }
 
-/// Opens `n` TCP connections that never say anything, and one that sends junk.
+/// Connects to `addr` from another loopback address (127.0.0.2), as a second host would: the
+/// guard limits what one address may hold before logging in.
+pub(crate) async fn connect_from_elsewhere(
+    addr: SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind("127.0.0.2:0".parse().unwrap())?;
+    socket.connect(addr).await
+}
+
+/// Opens `n` TCP connections that never say anything, and one that sends junk, all from
+/// another host than the test's legitimate clients.
 async fn bad_clients(addr: SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
     let mut sockets = Vec::new();
     for _ in 0..n {
-        sockets.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        sockets.push(connect_from_elsewhere(addr).await.unwrap());
     }
-    let mut junk = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut junk = connect_from_elsewhere(addr).await.unwrap();
     // Packet type 15 does not exist; the rest is noise.
     let _ = junk
         .write_all(b"\xf0\x00\x00\x01GET / HTTP/1.1\r\n\r\n")
@@ -600,11 +611,14 @@ async fn oversized_packets_and_junk_disturb_nobody_else() {
         password: "",
     };
     let (big_client, mut big_events) = connect(addr, &big, None).await.unwrap();
-    let oversized = publish(&big_client, &mut big_events, "co2/big", vec![b'7'; 8192]).await;
-    assert!(
-        oversized.is_err(),
-        "an 8 KiB packet over a 4 KiB limit was accepted"
-    );
+    // Acknowledged and recorded as rejected, so the client moves on instead of resending it
+    // on every reconnect; it stays connected.
+    publish(&big_client, &mut big_events, "co2/big", vec![b'7'; 8192])
+        .await
+        .expect("an 8 KiB message over a 4 KiB limit is acknowledged");
+    publish(&big_client, &mut big_events, "co2/big", r#"{"value":599}"#)
+        .await
+        .expect("the same client goes on");
 
     // The client that was already connected, and a new one, are served as usual.
     publish(
@@ -636,7 +650,34 @@ async fn oversized_packets_and_junk_disturb_nobody_else() {
         (devices.contains(&"good".into()) && devices.contains(&"late".into())).then_some(())
     })
     .await;
-    assert!(!stored_devices(&url).await.contains(&"big".into()));
+    let conn = db::connect(&url).await;
+    let rejected = eventually(
+        Duration::from_secs(10),
+        "the oversized one recorded",
+        || async {
+            let rejected = db::rejections(&conn).await;
+            (!rejected.is_empty()).then_some(rejected)
+        },
+    )
+    .await;
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(rejected[0].topic, "co2/big");
+    assert!(
+        rejected[0].reason.contains("max_payload_size"),
+        "{rejected:?}"
+    );
+    assert!(rejected[0].payload.starts_with("7777"), "{rejected:?}");
+    eventually(
+        Duration::from_secs(10),
+        "big's small reading stored",
+        || async {
+            stored_devices(&url)
+                .await
+                .contains(&"big".into())
+                .then_some(())
+        },
+    )
+    .await;
     assert_eq!(count(&broker.metrics.oversized_packets), 1);
     broker.stop().await;
 }
