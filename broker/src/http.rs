@@ -2,7 +2,10 @@
 //! answers) and `/readyz` (listeners up, and the database reachable or the spool within bounds).
 //!
 //! Three fixed GET routes do not justify an HTTP framework, so this is a minimal HTTP/1.1
-//! responder: one request per connection, bounded request size and time.
+//! responder: one request per connection, bounded request size and time, and bounded
+//! connections: at most [`MAX_CONNECTIONS`] in all and [`MAX_CONNECTIONS_PER_ADDRESS`] from
+//! one address (beyond either a connection is closed at once), so idle sockets from one host
+//! can neither exhaust the process's file descriptors nor keep Prometheus from scraping.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -12,12 +15,18 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Histogram, IngestMetrics, BATCH_ROW_BUCKETS, LATENCY_BUCKETS};
+use crate::per_address::AddressSlots;
 
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Open connections in all: a scraper and a few operators need a handful.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Open connections from one address.
+pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 4;
 
 /// What the endpoint reports on, shared with the rest of the broker.
 pub struct Health {
@@ -33,20 +42,32 @@ pub async fn serve(
     stop: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = TcpListener::bind(addr).await?;
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_address = AddressSlots::new(MAX_CONNECTIONS_PER_ADDRESS);
     Ok(tokio::spawn(async move {
         loop {
-            let stream = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
+                    Ok(accepted) => accepted,
                     Err(e) => {
                         tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 },
                 () = stop.cancelled() => return,
             };
+            // Over a limit: dropping the stream closes it.
+            let Some(address_slot) = per_address.take(peer.ip()) else {
+                continue;
+            };
+            let Ok(slot) = connections.clone().try_acquire_owned() else {
+                continue;
+            };
             let health = health.clone();
             tokio::spawn(async move {
+                let _held = (slot, address_slot);
                 // A client that goes away mid-request is no concern of ours.
                 let _ = tokio::time::timeout(REQUEST_TIMEOUT, respond(stream, &health)).await;
             });

@@ -13,6 +13,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod mqtt;
 pub mod passwd;
+pub mod per_address;
 pub mod settings;
 pub mod storage;
 pub mod throttle;

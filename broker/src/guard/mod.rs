@@ -27,8 +27,7 @@ pub mod relay;
 pub mod tls;
 pub mod vet;
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -47,6 +46,7 @@ use relay::Subscriptions;
 use crate::auth::{Authenticator, Refusal};
 use crate::ingest::record::Record;
 use crate::metrics::IngestMetrics;
+use crate::per_address::{AddressSlot, AddressSlots};
 use crate::throttle::Throttle;
 
 /// How long a connection waits for rumqttd's loopback listener (it is restarted after a
@@ -100,7 +100,7 @@ pub struct Guard {
     /// in a way that can break its listener, so the guard stays below it).
     connections: Arc<Semaphore>,
     /// Connections per address not admitted yet; see [`MAX_UNADMITTED_PER_ADDRESS`].
-    unadmitted: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    unadmitted: AddressSlots,
     subscriptions: Subscriptions,
     /// The writer's queue, for the oversized messages the guard records itself. Weak: the
     /// writer drains and stops once the ingest link's sender is gone, whatever clients are
@@ -143,40 +143,6 @@ impl Drop for OpenConnection<'_> {
     }
 }
 
-/// One of an address's [`MAX_UNADMITTED_PER_ADDRESS`] places, given back on drop (at
-/// admission, or when the connection ends before it).
-struct Unadmitted {
-    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    address: IpAddr,
-}
-
-impl Unadmitted {
-    fn take(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, address: IpAddr) -> Option<Self> {
-        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
-        let count = map.entry(address).or_default();
-        if *count >= MAX_UNADMITTED_PER_ADDRESS {
-            return None;
-        }
-        *count += 1;
-        Some(Self {
-            counts: counts.clone(),
-            address,
-        })
-    }
-}
-
-impl Drop for Unadmitted {
-    fn drop(&mut self) {
-        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = map.get_mut(&self.address) {
-            *count -= 1;
-            if *count == 0 {
-                map.remove(&self.address);
-            }
-        }
-    }
-}
-
 /// How a guarded connection ended.
 #[derive(Debug)]
 pub enum End {
@@ -215,7 +181,7 @@ impl Guard {
         Arc::new(Self {
             auth,
             connections: Arc::new(Semaphore::new(max_connections)),
-            unadmitted: Arc::default(),
+            unadmitted: AddressSlots::new(MAX_UNADMITTED_PER_ADDRESS),
             subscriptions: Subscriptions::new(MAX_FILTERS_PER_CLIENT),
             rejections: rejections.downgrade(),
             metrics,
@@ -240,7 +206,7 @@ impl Guard {
                 }
                 Err(e) => return e,
             };
-            let Some(unadmitted) = Unadmitted::take(&self.unadmitted, addr.ip()) else {
+            let Some(unadmitted) = self.unadmitted.take(addr.ip()) else {
                 let reason = format!(
                     "{MAX_UNADMITTED_PER_ADDRESS} connections from this address are still logging in"
                 );
@@ -270,7 +236,7 @@ impl Guard {
         addr: SocketAddr,
         config: Arc<GuardedListener>,
         _slot: OwnedSemaphorePermit,
-        unadmitted: Unadmitted,
+        unadmitted: AddressSlot,
     ) {
         let _open = OpenConnection::count(&self.metrics);
         let deadline = Instant::now() + config.connect_timeout;
@@ -340,7 +306,7 @@ impl Guard {
         client: S,
         config: &GuardedListener,
         deadline: Instant,
-        unadmitted: Unadmitted,
+        unadmitted: AddressSlot,
     ) -> (End, Option<Peer>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,

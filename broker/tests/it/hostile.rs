@@ -400,3 +400,31 @@ async fn paho_clients_move_on_after_an_oversized_message() {
     assert!(ended.is_err(), "an oversized QoS 2 message was accepted");
     broker.stop().await;
 }
+
+/// 19,000 idle sockets to the metrics endpoint once took most of the process's file
+/// descriptors; one host now gets a few, and Prometheus still scrapes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_cannot_take_the_metrics_endpoint() {
+    use co2_broker::http::MAX_CONNECTIONS_PER_ADDRESS;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(&sqlite_url(dir.path())).await;
+    let http = broker.setup.http;
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(connect_from_elsewhere(http).await.unwrap());
+    }
+    let mut still_open = Vec::new();
+    for mut socket in idle {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_millis(300), socket.read(&mut byte)).await;
+        if read.is_err() {
+            still_open.push(socket);
+        }
+    }
+    assert_eq!(still_open.len(), MAX_CONNECTIONS_PER_ADDRESS);
+    let started = Instant::now();
+    let connections = crate::support::broker::scrape(http, "co2_mqtt_connections").await;
+    assert!(connections.is_some(), "scrape refused behind idle sockets");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    broker.stop().await;
+}
