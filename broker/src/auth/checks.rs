@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use blake2::{Blake2b512, Digest};
 use tokio::sync::oneshot;
 
-use super::credentials::Credentials;
+use super::credentials::{ArgonMemory, Credentials};
 use crate::metrics::IngestMetrics;
 
 /// Threads that run Argon2.
@@ -180,6 +180,7 @@ impl PasswordChecks {
 
 /// One checking thread: takes jobs until every sender is gone.
 fn run_checks(jobs: &Mutex<Receiver<Job>>, metrics: &IngestMetrics) {
+    let mut memory = ArgonMemory::default();
     loop {
         let job = {
             let jobs = jobs.lock().unwrap_or_else(|e| e.into_inner());
@@ -191,7 +192,7 @@ fn run_checks(jobs: &Mutex<Receiver<Job>>, metrics: &IngestMetrics) {
         if job.verdict.is_closed() {
             continue; // the client left (or its deadline passed) while the check waited
         }
-        let right = job.credentials.verify(&job.device, &job.password);
+        let right = job.credentials.verify_in(&job.device, &job.password, &mut memory);
         IngestMetrics::add(&metrics.password_hashes, 1);
         let _ = job.verdict.send(right); // a client that left meanwhile needs no answer
     }
