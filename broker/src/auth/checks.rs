@@ -11,6 +11,11 @@
 //!   as "server busy" (the device retries, as it would after any refusal);
 //! - a check whose client is gone by the time a thread takes it is skipped (the waiting side
 //!   dropped its receiver);
+//! - at most [`CHECKS_PER_DEVICE`] checks per device id are queued or running, and all unknown
+//!   device ids share one such allowance: a flood of wrong passwords for one device, or for
+//!   made-up ones, from any number of addresses, takes at most that many places in the queue,
+//!   so other devices still get theirs. (A flood naming many real devices can still fill the
+//!   queue; the devices then hear "server busy" and retry, and those remembered below skip it.)
 //! - a device's password that was right is remembered for [`VERIFIED_FOR`] as a keyed hash, so
 //!   a device reconnecting (a flapping network, an agent restarting) skips the queue and the
 //!   Argon2 cost, also while a flood of wrong passwords keeps the threads busy.
@@ -35,6 +40,8 @@ use crate::metrics::IngestMetrics;
 pub const CHECK_THREADS: usize = 2;
 /// Checks that may wait for a thread: at ~20 ms a check, the last one waits ~0.3 s.
 pub const QUEUED_CHECKS: usize = 32;
+/// Checks for one device id (or for all unknown ones together) that may be queued or running.
+pub const CHECKS_PER_DEVICE: usize = 2;
 /// How long a password that was right is taken as right again without Argon2.
 pub const VERIFIED_FOR: Duration = Duration::from_secs(600);
 
@@ -52,6 +59,8 @@ pub enum CheckError {
 pub struct PasswordChecks {
     queue: SyncSender<Job>,
     verified: Mutex<HashMap<String, Verified>>,
+    /// Checks queued or running per device id; `None` stands for every unknown id.
+    pending: Arc<Mutex<HashMap<Option<String>, usize>>>,
     /// Key of the remembered password hashes; random per process.
     key: [u8; 32],
 }
@@ -61,6 +70,7 @@ struct Job {
     device: String,
     password: String,
     verdict: oneshot::Sender<bool>,
+    allowance: PendingCheck,
 }
 
 struct Verified {
@@ -94,6 +104,7 @@ impl PasswordChecks {
         Self {
             queue,
             verified: Mutex::new(HashMap::new()),
+            pending: Arc::default(),
             key,
         }
     }
@@ -113,12 +124,19 @@ impl PasswordChecks {
                 return Ok(());
             }
         }
+        // Travels with the job: a check abandoned by its client keeps its place in the
+        // device's allowance until a thread takes it off the queue.
+        let known = stored_hash.is_some().then(|| device.to_owned());
+        let Some(pending) = PendingCheck::take(&self.pending, known) else {
+            return Err(CheckError::Busy);
+        };
         let (verdict, answer) = oneshot::channel();
         let job = Job {
             credentials,
             device: device.to_owned(),
             password,
             verdict,
+            allowance: pending,
         };
         match self.queue.try_send(job) {
             Ok(()) => {}
@@ -178,6 +196,43 @@ impl PasswordChecks {
     }
 }
 
+/// A place in a device's allowance of [`CHECKS_PER_DEVICE`]; given back when dropped.
+struct PendingCheck {
+    pending: Arc<Mutex<HashMap<Option<String>, usize>>>,
+    device: Option<String>,
+}
+
+impl PendingCheck {
+    /// `None` when `device` (`None`: any unknown device) has all its checks in use.
+    fn take(
+        pending: &Arc<Mutex<HashMap<Option<String>, usize>>>,
+        device: Option<String>,
+    ) -> Option<Self> {
+        let mut counts = pending.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(device.clone()).or_default();
+        if *count >= CHECKS_PER_DEVICE {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            pending: pending.clone(),
+            device,
+        })
+    }
+}
+
+impl Drop for PendingCheck {
+    fn drop(&mut self) {
+        let mut counts = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.device) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.device); // bounded by the devices being checked right now
+            }
+        }
+    }
+}
+
 /// One checking thread: takes jobs until every sender is gone.
 fn run_checks(jobs: &Mutex<Receiver<Job>>, metrics: &IngestMetrics) {
     let mut memory = ArgonMemory::default();
@@ -192,9 +247,16 @@ fn run_checks(jobs: &Mutex<Receiver<Job>>, metrics: &IngestMetrics) {
         if job.verdict.is_closed() {
             continue; // the client left (or its deadline passed) while the check waited
         }
-        let right = job.credentials.verify_in(&job.device, &job.password, &mut memory);
+        let right = job
+            .credentials
+            .verify_in(&job.device, &job.password, &mut memory);
         IngestMetrics::add(&metrics.password_hashes, 1);
-        let _ = job.verdict.send(right); // a client that left meanwhile needs no answer
+        // The device's allowance is free before it hears the verdict, so it may try again.
+        let Job {
+            verdict, allowance, ..
+        } = job;
+        drop(allowance);
+        let _ = verdict.send(right); // a client that left meanwhile needs no answer
     }
 }
 
@@ -214,6 +276,20 @@ mod tests {
         for (device, password) in devices {
             let hash = hash_password_with(password, params.clone()).unwrap();
             credentials.set(device, hash).unwrap();
+        }
+        Arc::new(credentials)
+    }
+
+    /// `n` devices `pi-0`.. sharing the password "one" (hashed once: the tests' time goes to
+    /// the checks, not to making the file).
+    fn many_devices(n: usize, cost_kib: u32) -> Arc<Credentials> {
+        let params = argon2::Params::new(cost_kib, 1, 1, None).unwrap();
+        let hash = hash_password_with("one", params).unwrap();
+        let mut credentials = Credentials::default();
+        for device in 0..n {
+            credentials
+                .set(&format!("pi-{device}"), hash.clone())
+                .unwrap();
         }
         Arc::new(credentials)
     }
@@ -251,13 +327,17 @@ mod tests {
     async fn a_full_queue_answers_busy_at_once_and_departed_checks_are_skipped() {
         let metrics = Arc::new(IngestMetrics::default());
         let checks = Arc::new(PasswordChecks::new(metrics.clone()));
-        // Expensive enough that the threads stay busy while the queue fills.
-        let creds = credentials(&[("pi-1", "one")], 16 * 1024);
+        // Expensive enough that the threads stay busy while the queue fills; one check per
+        // device, so each device's allowance has room.
+        let clients = CHECK_THREADS + QUEUED_CHECKS + 8;
+        let creds = many_devices(clients, 16 * 1024);
         let mut waiting = Vec::new();
-        for _ in 0..(CHECK_THREADS + QUEUED_CHECKS + 8) {
+        for n in 0..clients {
             let (checks, creds) = (checks.clone(), creds.clone());
             waiting.push(tokio::spawn(async move {
-                checks.check(creds, "pi-1", "wrong".into()).await
+                checks
+                    .check(creds, &format!("pi-{n}"), "wrong".into())
+                    .await
             }));
         }
         // Those that did not fit were told at once; the rest leave before their turn.
@@ -278,7 +358,7 @@ mod tests {
         // skips them without hashing; only the checks already running were computed.
         let verdict = tokio::time::timeout(Duration::from_secs(20), async {
             loop {
-                match checks.check(creds.clone(), "pi-1", "one".into()).await {
+                match checks.check(creds.clone(), "pi-0", "one".into()).await {
                     Err(CheckError::Busy) => tokio::time::sleep(Duration::from_millis(10)).await,
                     verdict => return verdict,
                 }
@@ -293,5 +373,46 @@ mod tests {
             "{hashed} checks ran for {} clients that left",
             QUEUED_CHECKS
         );
+    }
+
+    #[tokio::test]
+    async fn a_flood_against_one_device_or_unknown_ones_leaves_the_queue_to_others() {
+        let checks = Arc::new(PasswordChecks::new(Arc::default()));
+        let creds = many_devices(2, 16 * 1024);
+        let mut flood = Vec::new();
+        for n in 0..40 {
+            // Half against a real device, half against made-up ones.
+            let device = if n % 2 == 0 {
+                "pi-0".to_owned()
+            } else {
+                format!("ghost-{n}")
+            };
+            let (checks, creds) = (checks.clone(), creds.clone());
+            flood.push(tokio::spawn(async move {
+                checks.check(creds, &device, "wrong".into()).await
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        // The flood holds at most 2 × CHECKS_PER_DEVICE places; the other device gets one.
+        assert_eq!(
+            checks.check(creds.clone(), "pi-1", "one".into()).await,
+            Ok(())
+        );
+        let (mut wrong, mut busy) = (0, 0);
+        for f in flood {
+            match f.await.unwrap() {
+                Err(CheckError::Wrong) => wrong += 1,
+                Err(CheckError::Busy) => busy += 1,
+                Ok(()) => panic!("a wrong password was taken"),
+            }
+        }
+        assert_eq!(wrong, 2 * CHECKS_PER_DEVICE, "{wrong} checked, {busy} busy");
+        assert_eq!(busy, 40 - 2 * CHECKS_PER_DEVICE);
+        // Once answered, the allowances are free again, and nothing is left over.
+        assert_eq!(
+            checks.check(creds.clone(), "pi-0", "wrong".into()).await,
+            Err(CheckError::Wrong)
+        );
+        assert!(checks.pending.lock().unwrap().is_empty());
     }
 }

@@ -3,7 +3,7 @@
 //! keep-alive, oversized messages from the paho-mqtt client old agents use. Legitimate
 //! devices must keep working throughout.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -15,8 +15,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::security::{
-    broker_with_devices, connect, connect_from_elsewhere, count, device, publish, sqlite_url,
-    until_closed_or, Login,
+    broker_with_devices, connect, connect_from, connect_from_elsewhere, count, device, publish,
+    sqlite_url, until_closed_or, Login,
 };
 use crate::support::broker::TestBroker;
 use crate::support::{db, eventually};
@@ -35,9 +35,15 @@ struct FloodOutcome {
     left: u64,
 }
 
-/// One flooding client from 127.0.0.2: CONNECTs as `device` with a wrong password until
+/// One flooding client from `source`: CONNECTs as `device` with a wrong password until
 /// `until`, waiting for each answer, or (`leave`) closing right after sending.
-async fn flood(addr: SocketAddr, device: &str, leave: bool, until: Instant) -> FloodOutcome {
+async fn flood(
+    addr: SocketAddr,
+    source: Ipv4Addr,
+    device: &str,
+    leave: bool,
+    until: Instant,
+) -> FloodOutcome {
     let mut connect = rumqttc::mqttbytes::v4::Connect::new(device);
     connect.set_login(device, "wrong password");
     let mut packet = BytesMut::new();
@@ -45,7 +51,7 @@ async fn flood(addr: SocketAddr, device: &str, leave: bool, until: Instant) -> F
     let mut outcome = FloodOutcome::default();
     while Instant::now() < until {
         outcome.attempts += 1;
-        let Ok(mut stream) = connect_from_elsewhere(addr).await else {
+        let Ok(mut stream) = connect_from(source, addr).await else {
             outcome.closed += 1;
             continue;
         };
@@ -72,6 +78,9 @@ async fn flood(addr: SocketAddr, device: &str, leave: bool, until: Instant) -> F
     outcome
 }
 
+/// The address the single-host attacks come from (the test's own devices use 127.0.0.1).
+const ELSEWHERE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+
 /// Before the fix, a few flooding clients pushed a device's CONNACK past 8 s, and 50 locked
 /// devices out for minutes after the flood.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,7 +104,7 @@ async fn a_login_flood_does_not_lock_devices_out() {
 
     let until = Instant::now() + Duration::from_secs(4);
     let flooders: Vec<_> = (0..32)
-        .map(|n| tokio::spawn(flood(addr, "pi-1", n % 2 == 1, until)))
+        .map(|n| tokio::spawn(flood(addr, ELSEWHERE, "pi-1", n % 2 == 1, until)))
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     // A device logging in during the flood: a full check first, then remembered ones.
@@ -149,6 +158,67 @@ async fn a_login_flood_does_not_lock_devices_out() {
         count(&broker.metrics.password_hashes) < total.attempts,
         "{total:?}"
     );
+    broker.stop().await;
+}
+
+/// A flood from many addresses is not held back by the per-address cap; it fills the check
+/// queue unless each device id (and all unknown ones together) may hold only a few places.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_flood_from_many_addresses_leaves_room_for_other_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut credentials = Credentials::default();
+    for (device, password) in [("pi-1", "one"), ("pi-2", "two")] {
+        credentials
+            .set(device, hash_password(password).unwrap())
+            .unwrap();
+    }
+    let file = dir.path().join("devices.passwd");
+    credentials.save(&file).unwrap();
+    let broker = TestBroker::start_with(
+        &sqlite_url(dir.path()),
+        &format!("credentials_file = {:?}", file.display().to_string()),
+    )
+    .await;
+    let addr = broker.setup.v4;
+
+    // 48 addresses, each under the per-address cap, half naming a real device and half a
+    // made-up one: together far more checks than the queue holds.
+    let until = Instant::now() + Duration::from_secs(4);
+    let flooders: Vec<_> = (0..48u8)
+        .map(|n| {
+            let device = if n % 2 == 0 {
+                "pi-1".to_owned()
+            } else {
+                format!("ghost-{n}")
+            };
+            let source = Ipv4Addr::new(127, 0, 1, 10 + n);
+            tokio::spawn(async move { flood(addr, source, &device, false, until).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let (client, mut events) = connect(addr, &device("pi-2", "two"), None)
+        .await
+        .expect("a device logs in during a flood from many addresses");
+    let during = started.elapsed();
+    publish(&client, &mut events, "co2/pi-2", r#"{"value":641}"#)
+        .await
+        .expect("and publishes");
+    assert!(Instant::now() < until, "the login was not during the flood");
+    let mut total = FloodOutcome::default();
+    for flooder in flooders {
+        let outcome = flooder.await.unwrap();
+        total.attempts += outcome.attempts;
+        total.wrong += outcome.wrong;
+        total.busy += outcome.busy;
+    }
+    println!("flood {total:?}; device CONNACK during {during:?}");
+    assert!(during < Duration::from_secs(3), "{during:?}");
+    assert!(
+        total.busy > total.wrong,
+        "the allowances refused nothing: {total:?}"
+    );
+    assert!(total.wrong > 0, "{total:?}");
     broker.stop().await;
 }
 

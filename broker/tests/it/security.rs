@@ -496,8 +496,16 @@ impl TestPki {
 pub(crate) async fn connect_from_elsewhere(
     addr: SocketAddr,
 ) -> std::io::Result<tokio::net::TcpStream> {
+    connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), addr).await
+}
+
+/// A TCP connection to `addr` from the loopback address `source` (all of 127/8 is local).
+pub(crate) async fn connect_from(
+    source: std::net::Ipv4Addr,
+    addr: SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
     let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind("127.0.0.2:0".parse().unwrap())?;
+    socket.bind((source, 0).into())?;
     socket.connect(addr).await
 }
 
