@@ -52,6 +52,8 @@ pub struct Writer {
     /// write that reaches it.
     schema_pending: bool,
     db_failure_log: Throttle,
+    /// Spool records that cannot be read or advanced past, however often replay meets them.
+    spool_failure_log: Throttle,
 }
 
 /// A finished database write and the batch it carried (spooled if the write failed).
@@ -97,6 +99,7 @@ impl Writer {
             next_db_attempt: Instant::now(),
             schema_pending,
             db_failure_log: Throttle::new(Duration::from_secs(10)),
+            spool_failure_log: Throttle::new(Duration::from_secs(10)),
         }
     }
 
@@ -361,11 +364,18 @@ impl Writer {
         let batch = match oldest {
             Ok(Some(batch)) => batch,
             Ok(None) => return false,
+            Err(e @ SpoolError::Decode { .. }) => {
+                // Its bytes cannot become a batch, now or later: skip it rather than block
+                // the spool behind it. If even that fails, `pop_replayed` backs off.
+                if let Some(suppressed) = self.spool_failure_log.ready() {
+                    tracing::error!(error = %e, suppressed, "skipping an unreadable spool record; its readings are lost");
+                }
+                return self.pop_replayed();
+            }
             Err(e) => {
-                // Unreadable although checked at open: skip it rather than block the spool.
-                tracing::error!(error = %e, "skipping an unreadable spool record");
-                let _ = tokio::task::block_in_place(|| self.spool.pop_oldest()); // error logged above already describes the record
-                return true;
+                // The spool's disk, not the record: nothing is given up, try again later.
+                self.spool_failed(&e, "cannot read the spool; replay paused");
+                return false;
             }
         };
         let done = self.attempt(batch).await;
@@ -392,14 +402,26 @@ impl Writer {
         true
     }
 
-    fn pop_replayed(&mut self) {
-        if let Err(e) = tokio::task::block_in_place(|| self.spool.pop_oldest()) {
-            tracing::error!(error = %e, "cannot advance the spool; the batch will be replayed again (harmless)");
-            self.next_db_attempt = Instant::now() + self.retry_interval;
+    /// Moves the spool past the record just replayed (or skipped). Returns false, having
+    /// backed off, if it could not.
+    fn pop_replayed(&mut self) -> bool {
+        let popped = tokio::task::block_in_place(|| self.spool.pop_oldest());
+        if let Err(e) = &popped {
+            self.spool_failed(e, "cannot advance the spool; trying again later");
         }
         self.publish_spool_size();
         if self.spool.is_empty() {
             tracing::info!("spool replayed completely");
+        }
+        popped.is_ok()
+    }
+
+    /// Backs off (the writer would otherwise retry at once, for ever) and says so, at most
+    /// once per interval.
+    fn spool_failed(&mut self, error: &SpoolError, what: &str) {
+        self.next_db_attempt = Instant::now() + self.retry_interval;
+        if let Some(suppressed) = self.spool_failure_log.ready() {
+            tracing::error!(%error, suppressed, retry_in = ?self.retry_interval, "{what}");
         }
     }
 
@@ -465,6 +487,8 @@ mod tests {
     use sea_orm::sqlx::{self, Connection, SqliteConnection};
     use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
     use tokio::task::JoinHandle;
+
+    use std::path::Path;
 
     use super::*;
     use crate::settings::{DatabaseUrl, IngestSettings};
@@ -814,5 +838,114 @@ mod tests {
         assert_eq!(count(&db, "co2_emissions").await, 4);
         assert_eq!(metrics.stored.load(Relaxed), 4);
         assert_eq!(metrics.duplicates.load(Relaxed), 3);
+    }
+
+    /// A writer on a spool prepared by `prepare`, not running: the test drives replay.
+    async fn idle_writer(
+        dir: &Path,
+        prepare: impl FnOnce(&mut Spool),
+    ) -> (Writer, DatabaseConnection, mpsc::UnboundedReceiver<Acked>) {
+        let url = format!("sqlite://{}/co2.db?mode=rwc", dir.display());
+        let database = Database::connect(&DatabaseUrl::new(url.clone()), 4)
+            .await
+            .unwrap();
+        database.migrate().await.unwrap();
+        let db = sea_orm::Database::connect(url.as_str()).await.unwrap();
+        let (mut spool, _) = Spool::open(&dir.join("spool"), 1 << 20).unwrap();
+        prepare(&mut spool);
+        let (acks_tx, acks) = mpsc::unbounded_channel();
+        let sink = RecordingSink {
+            acks: acks_tx,
+            db: db.clone(),
+        };
+        let settings = IngestSettings {
+            db_retry_interval_ms: 60_000,
+            ..settings()
+        };
+        let metrics = Arc::new(IngestMetrics::default());
+        let writer = Writer::new(database, spool, sink, metrics, &settings, false);
+        (writer, db, acks)
+    }
+
+    fn batch_of(records: impl IntoIterator<Item = Record>) -> Batch {
+        let mut batch = Batch::default();
+        records.into_iter().for_each(|r| batch.push(r));
+        batch
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreadable_spool_pauses_replay_instead_of_spinning() {
+        let dir = tempfile::tempdir().unwrap();
+        let segment = dir.path().join("spool/spool-0000000000.log");
+        let (mut writer, db, _acks) = idle_writer(dir.path(), |spool| {
+            spool.append(&batch_of([reading("pi-1", 1)])).unwrap();
+        })
+        .await;
+        let bytes = std::fs::read(&segment).unwrap();
+        std::fs::remove_file(&segment).unwrap();
+        std::fs::create_dir(&segment).unwrap(); // neither readable nor deletable as a file
+
+        let before = Instant::now();
+        assert!(!writer.replay_one().await, "no progress");
+        assert!(
+            writer.next_db_attempt >= before + Duration::from_secs(60),
+            "replay waits a retry interval before trying again"
+        );
+        assert_eq!(
+            writer.spool.pending_records(),
+            1,
+            "an I/O error gives nothing up"
+        );
+
+        // The disk is healthy again: the batch is replayed (the next retry, here at once).
+        std::fs::remove_dir(&segment).unwrap();
+        std::fs::write(&segment, bytes).unwrap();
+        assert!(writer.replay_one().await);
+        assert!(writer.spool.is_empty());
+        assert_eq!(stored_seqs(&db, "pi-1").await, BTreeSet::from([1]));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_undecodable_spool_record_is_skipped_and_a_failed_skip_backs_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        std::fs::create_dir_all(&spool_dir).unwrap();
+        // Intact frames whose bodies are no batch, in front of a good one.
+        let good = serde_json::to_vec(&batch_of([reading("pi-1", 2)])).unwrap();
+        let mut bytes = co2_proto::framing::encode(b"{\"readings\":7}");
+        bytes.extend(co2_proto::framing::encode(&good));
+        std::fs::write(spool_dir.join("spool-0000000000.log"), bytes).unwrap();
+        let only_junk = spool_dir.join("spool-0000000001.log");
+        std::fs::write(&only_junk, co2_proto::framing::encode(b"junk")).unwrap();
+        std::fs::write(
+            spool_dir.join("spool-0000000002.log"),
+            co2_proto::framing::encode(
+                &serde_json::to_vec(&batch_of([reading("pi-1", 3)])).unwrap(),
+            ),
+        )
+        .unwrap();
+        let (mut writer, db, _acks) = idle_writer(dir.path(), |_| {}).await;
+        assert_eq!(writer.spool.pending_records(), 4);
+
+        // Skipped, then the good batch behind it is replayed.
+        assert!(writer.replay_one().await);
+        assert!(writer.replay_one().await);
+        assert_eq!(stored_seqs(&db, "pi-1").await, BTreeSet::from([2]));
+
+        // Skipping fails too (its segment cannot be deleted): replay backs off.
+        let before = Instant::now();
+        assert!(matches!(
+            writer.spool.oldest(),
+            Err(SpoolError::Decode { .. })
+        ));
+        std::fs::remove_file(&only_junk).unwrap();
+        std::fs::create_dir(&only_junk).unwrap();
+        assert!(!writer.pop_replayed(), "the skip did not happen");
+        assert!(writer.next_db_attempt >= before + Duration::from_secs(60));
+        std::fs::remove_dir(&only_junk).unwrap();
+        assert!(writer.pop_replayed(), "deleted meanwhile: done");
+        assert!(writer.replay_one().await);
+        assert!(writer.spool.is_empty());
+        assert_eq!(stored_seqs(&db, "pi-1").await, BTreeSet::from([2, 3]));
     }
 }
