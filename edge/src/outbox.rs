@@ -147,11 +147,8 @@ fn scan(
     let mut scanner = Scanner::new(reader, offset, BODY_LEN..=BODY_LEN);
     loop {
         let item = match scanner.next_frame()? {
-            Frame::Good(body) => {
-                let body: &[u8; BODY_LEN] =
-                    body.try_into().expect("the scanner checked the length");
-                decode(body)
-            }
+            // Always BODY_LEN long: the scanner refuses any other length.
+            Frame::Good(body) => <&[u8; BODY_LEN]>::try_from(body).ok().and_then(decode),
             Frame::Corrupt { .. } => None,
             Frame::Torn(_) | Frame::End => return Ok(scanner.offset()),
         };

@@ -358,7 +358,8 @@ impl Writer {
         }
     }
 
-    /// Replays the oldest spooled batch. Returns true if it reached the database.
+    /// Replays the oldest spooled batch (or skips it if it cannot be decoded). Returns true if
+    /// the spool moved on.
     async fn replay_one(&mut self) -> bool {
         let oldest = tokio::task::block_in_place(|| self.spool.oldest());
         let batch = match oldest {
@@ -389,8 +390,7 @@ impl Writer {
                 // again behind the rest): either way this record is done.
                 IngestMetrics::add(&self.metrics.replayed, done.batch.len());
                 self.salvage(done.batch, &failure.message).await;
-                self.pop_replayed();
-                return true;
+                return self.pop_replayed();
             }
             Err(failure) => {
                 self.database_failed(&failure.message);
@@ -398,8 +398,7 @@ impl Writer {
             }
         };
         self.count_written(&batch, outcome, true);
-        self.pop_replayed();
-        true
+        self.pop_replayed()
     }
 
     /// Moves the spool past the record just replayed (or skipped). Returns false, having
