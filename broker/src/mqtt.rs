@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use co2_proto::{StorageAck, READINGS_FILTER};
+use co2_proto::{DeviceId, StorageAck, READINGS_FILTER};
 use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
 use rumqttd::protocol::{v4::V4, v5::V5};
 use rumqttd::{LinkType, Notification, Router, Server};
@@ -26,6 +26,7 @@ use crate::auth::{Authenticator, CredentialsError};
 use crate::guard::{Codec, Guard, GuardedListener, Upstream};
 use crate::metrics::IngestMetrics;
 use crate::settings::Settings;
+use crate::storage::AckSink;
 
 /// Client id of the in-process subscriber that stores readings.
 pub const INGEST_CLIENT_ID: &str = "co2-broker-ingest";
@@ -375,13 +376,12 @@ pub struct AckPublisher {
     link: LinkTx,
 }
 
-impl AckPublisher {
+impl AckSink for AckPublisher {
     /// Never blocks: the ack is queued on the link even when the router's channel is full
     /// (`try_publish` keeps the packet buffered and it leaves with the next wake-up). Returns
     /// false only when the router is gone.
-    pub fn publish(&mut self, device_id: &str, ack: &StorageAck) -> bool {
-        let topic = format!("{}{device_id}", co2_proto::topic::ACK_PREFIX);
-        match self.link.try_publish(topic, ack.to_json()) {
+    fn send(&mut self, device: &DeviceId, ack: &StorageAck) -> bool {
+        match self.link.try_publish(device.ack_topic(), ack.to_json()) {
             Ok(_) | Err(rumqttd::local::LinkError::TrySend(_)) => true,
             Err(_) => false,
         }

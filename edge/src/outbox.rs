@@ -4,8 +4,9 @@
 //!
 //! # Layout (`<data_dir>/outbox/`)
 //! - `<first_seq, 20 digits>.seg`: append-only segment files of records
-//!   `[len u32 LE][crc32 u32 LE][body]`, body = [`BODY_LEN`] bytes (version, seq, time evidence,
-//!   values). Sequence numbers are consecutive across segments.
+//!   `[len u32 LE][crc32 u32 LE][body]` ([`co2_proto::framing`], shared with the broker's
+//!   spool), body = [`BODY_LEN`] bytes (version, seq, time evidence, values). Sequence numbers
+//!   are consecutive across segments.
 //! - `cursor`: `v1 <cursor> <dropped_total> <clean_next_seq>`; every seq below the cursor is
 //!   acknowledged or dropped. `clean_next_seq` is non-zero only after a graceful [`Outbox::close`].
 //!   Replaced atomically (write tmp, fsync, rename, fsync dir).
@@ -33,6 +34,7 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use co2_proto::framing::{self, Frame, Scanner};
 use co2_proto::SeqRanges;
 
 use crate::clock::RecordTime;
@@ -41,8 +43,7 @@ use crate::reading::{Reading, Record};
 const BODY_VERSION: u8 = 1;
 /// version u8, seq u64, wall_ms i64, boottime_ms u64, boot_id [16], flags u8, 3 × f64.
 pub const BODY_LEN: usize = 1 + 8 + 8 + 8 + 16 + 1 + 3 * 8;
-const HEADER_LEN: usize = 8;
-const RECORD_LEN: u64 = (HEADER_LEN + BODY_LEN) as u64;
+const HEADER_LEN: usize = framing::HEADER_LEN;
 const CURSOR_FILE: &str = "cursor";
 const SEGMENT_EXT: &str = "seg";
 const FLAG_TRUSTED: u8 = 1;
@@ -133,50 +134,32 @@ enum ScanItem {
     Corrupt,
 }
 
-/// Reads records from `reader` (positioned at `offset`) until EOF or a torn record.
-/// Returns the offset where valid data ends.
+/// Reads records from `reader` (positioned at `offset`) until EOF or a torn record, with the
+/// framing shared with the broker's spool ([`co2_proto::framing`]): every record is exactly
+/// [`BODY_LEN`] long, so any other length is torn. A body that fails its checksum, or whose
+/// version this agent does not know, is corrupt and skipped. Returns the offset where valid
+/// data ends.
 fn scan(
     reader: &mut impl Read,
-    mut offset: u64,
+    offset: u64,
     mut each: impl FnMut(ScanItem) -> bool,
 ) -> io::Result<u64> {
-    let mut header = [0u8; HEADER_LEN];
-    let mut body = [0u8; BODY_LEN];
+    let mut scanner = Scanner::new(reader, offset, BODY_LEN..=BODY_LEN);
     loop {
-        if !read_exact_or_eof(reader, &mut header)? {
-            return Ok(offset);
-        }
-        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        if len != BODY_LEN || !read_exact_or_eof(reader, &mut body)? {
-            return Ok(offset);
-        }
-        offset += RECORD_LEN;
-        let item = match (crc32fast::hash(&body) == crc)
-            .then(|| decode(&body))
-            .flatten()
-        {
-            Some(record) => ScanItem::Record(offset, record),
+        let item = match scanner.next_frame()? {
+            // Always BODY_LEN long: the scanner refuses any other length.
+            Frame::Good(body) => <&[u8; BODY_LEN]>::try_from(body).ok().and_then(decode),
+            Frame::Corrupt { .. } => None,
+            Frame::Torn(_) | Frame::End => return Ok(scanner.offset()),
+        };
+        let item = match item {
+            Some(record) => ScanItem::Record(scanner.offset(), record),
             None => ScanItem::Corrupt,
         };
         if !each(item) {
-            return Ok(offset);
+            return Ok(scanner.offset());
         }
     }
-}
-
-/// Fills `buf` completely (true), hits EOF before the first byte... or in between (false).
-fn read_exact_or_eof(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match reader.read(&mut buf[filled..]) {
-            Ok(0) => return Ok(false),
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(true)
 }
 
 fn encode(record: &Record) -> [u8; HEADER_LEN + BODY_LEN] {
@@ -202,8 +185,7 @@ fn encode(record: &Record) -> [u8; HEADER_LEN + BODY_LEN] {
     body.extend_from_slice(&r.temperature_c.unwrap_or_default().to_le_bytes());
     body.extend_from_slice(&r.humidity_pct.unwrap_or_default().to_le_bytes());
     let mut out = [0u8; HEADER_LEN + BODY_LEN];
-    out[..4].copy_from_slice(&(BODY_LEN as u32).to_le_bytes());
-    out[4..8].copy_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    out[..HEADER_LEN].copy_from_slice(&framing::header(&body));
     out[HEADER_LEN..].copy_from_slice(&body);
     out
 }
@@ -633,6 +615,8 @@ fn sync_dir(dir: &Path) -> Result<(), OutboxError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const RECORD_LEN: u64 = (HEADER_LEN + BODY_LEN) as u64;
 
     fn limits(max_records: u64, segment_records: u64) -> OutboxLimits {
         OutboxLimits {

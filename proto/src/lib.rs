@@ -5,6 +5,7 @@
 //! formats here, and only here, means the two sides cannot drift apart.
 
 pub mod ack;
+pub mod framing;
 pub mod payload;
 pub mod topic;
 

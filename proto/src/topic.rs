@@ -88,6 +88,22 @@ impl fmt::Display for DeviceId {
     }
 }
 
+/// A plain string, as in a topic.
+impl serde::Serialize for DeviceId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+/// Checked like [`DeviceId::new`]: a value read back (e.g. from the broker's spool) is as
+/// trustworthy as one taken from a topic.
+impl<'de> serde::Deserialize<'de> for DeviceId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let id = String::deserialize(deserializer)?;
+        Self::new(id).map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,5 +148,15 @@ mod tests {
             );
         }
         assert!(DeviceId::new("pi 1").is_ok(), "inner spaces are kept");
+    }
+
+    #[test]
+    fn serializes_as_a_plain_string_and_is_checked_when_read() {
+        let id = DeviceId::new("pi-7").unwrap();
+        assert_eq!(serde_json::to_string(&id).unwrap(), r#""pi-7""#);
+        assert_eq!(serde_json::from_str::<DeviceId>(r#""pi-7""#).unwrap(), id);
+        let err = serde_json::from_str::<DeviceId>(r#""co2/#""#).unwrap_err();
+        assert!(err.to_string().contains("'/'"), "{err}");
+        assert!(serde_json::from_str::<DeviceId>(r#""""#).is_err());
     }
 }

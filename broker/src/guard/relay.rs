@@ -424,6 +424,155 @@ impl Guard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    use rumqttd::protocol::{Connect, Filter, Login, QoS, Subscribe};
+
+    use crate::metrics::IngestMetrics;
+
+    const MAX: usize = 4096;
+
+    /// A guard without credentials (the topic rules come from the peer's device) and its
+    /// metrics; the writer's queue is never used by `check`.
+    fn guard() -> Arc<Guard> {
+        let (rejections, _) = mpsc::channel(1);
+        Guard::new(None, 10, rejections, Arc::new(IngestMetrics::default()))
+    }
+
+    fn device(name: &str) -> Peer {
+        Peer {
+            client_id: name.into(),
+            device: Some(name.into()),
+        }
+    }
+
+    fn anonymous(client_id: &str) -> Peer {
+        Peer {
+            client_id: client_id.into(),
+            device: None,
+        }
+    }
+
+    fn frame(codec: Codec, packet: Packet) -> Bytes {
+        codec.encode(packet).unwrap().freeze()
+    }
+
+    fn publish(codec: Codec, topic: &str, alias: Option<u16>) -> Bytes {
+        let properties = alias.map(|a| PublishProperties {
+            topic_alias: Some(a),
+            ..Default::default()
+        });
+        let properties = if codec == Codec::V5 { properties } else { None };
+        frame(
+            codec,
+            Packet::Publish(
+                Publish::new(topic.to_owned(), "500".to_owned(), false),
+                properties,
+            ),
+        )
+    }
+
+    fn subscribe(codec: Codec, filters: &[&str]) -> Bytes {
+        let filters = filters
+            .iter()
+            .map(|f| Filter {
+                path: (*f).into(),
+                qos: QoS::AtLeastOnce,
+                nolocal: false,
+                preserve_retain: false,
+                retain_forward_rule: rumqttd::protocol::RetainForwardRule::OnEverySubscribe,
+            })
+            .collect();
+        frame(
+            codec,
+            Packet::Subscribe(Subscribe { pkid: 1, filters }, None),
+        )
+    }
+
+    fn judge(guard: &Guard, peer: &Peer, codec: Codec, frame: &Bytes) -> Result<(), String> {
+        check(guard, peer, codec, MAX, frame, &mut TopicAliases::default())
+            .map_err(|end| format!("{end:?}"))
+    }
+
+    #[test]
+    fn a_second_connect_ends_the_connection_in_every_mode() {
+        let guard = guard();
+        for codec in [Codec::V4, Codec::V5] {
+            let connect = frame(
+                codec,
+                Packet::Connect(
+                    Connect {
+                        keep_alive: 30,
+                        client_id: "pi-1".into(),
+                        clean_session: true,
+                    },
+                    None,
+                    None,
+                    None,
+                    Some(Login {
+                        username: "pi-1".into(),
+                        password: "pw".into(),
+                    }),
+                ),
+            );
+            for peer in [device("pi-1"), anonymous("pi-1")] {
+                let end = judge(&guard, &peer, codec, &connect).unwrap_err();
+                assert_eq!(end, r#"Refused("second CONNECT")"#, "{codec:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn publishes_and_subscriptions_are_judged_against_the_device() {
+        let guard = guard();
+        let pi1 = device("pi-1");
+        for codec in [Codec::V4, Codec::V5] {
+            assert!(judge(&guard, &pi1, codec, &publish(codec, "co2/pi-1/k", None)).is_ok());
+            let end = judge(&guard, &pi1, codec, &publish(codec, "co2/pi-2", None)).unwrap_err();
+            assert_eq!(end, r#"Denied("publish to co2/pi-2")"#);
+            assert!(judge(&guard, &pi1, codec, &subscribe(codec, &["ack/pi-1"])).is_ok());
+            let end = judge(
+                &guard,
+                &pi1,
+                codec,
+                &subscribe(codec, &["ack/pi-1", "co2/#"]),
+            )
+            .unwrap_err();
+            assert_eq!(end, r#"Denied("subscribe to co2/#")"#);
+            // Without credentials nobody is anybody: topics go through unjudged.
+            let anon = anonymous("x");
+            assert!(judge(&guard, &anon, codec, &publish(codec, "co2/pi-2", None)).is_ok());
+            assert!(judge(&guard, &anon, codec, &subscribe(codec, &["#"])).is_ok());
+        }
+        // Not MQTT where a packet is judged: refused, not passed on.
+        let garbage = Bytes::from_static(&[0x30, 0x02, 0xFF, 0xFF]);
+        let end = judge(&guard, &pi1, Codec::V4, &garbage).unwrap_err();
+        assert!(end.starts_with(r#"Refused("malformed packet"#), "{end}");
+    }
+
+    #[test]
+    fn an_alias_cannot_smuggle_a_foreign_topic_past_the_rules() {
+        let guard = guard();
+        let pi1 = device("pi-1");
+        let codec = Codec::V5;
+        let mut aliases = TopicAliases::default();
+        let mut judge = |frame: Bytes| {
+            check(&guard, &pi1, codec, MAX, &frame, &mut aliases).map_err(|e| format!("{e:?}"))
+        };
+        // An alias set on the device's own topic is judged as that topic when used.
+        assert!(judge(publish(codec, "co2/pi-1", Some(1))).is_ok());
+        assert!(judge(publish(codec, "", Some(1))).is_ok());
+        // An alias never defined names no topic: denied, not passed to rumqttd to guess.
+        assert_eq!(
+            judge(publish(codec, "", Some(2))).unwrap_err(),
+            r#"Denied("publish to ")"#
+        );
+        // Redefining the alias onto a foreign topic is judged by the new topic.
+        assert_eq!(
+            judge(publish(codec, "co2/pi-2", Some(1))).unwrap_err(),
+            r#"Denied("publish to co2/pi-2")"#
+        );
+    }
 
     #[test]
     fn aliases_resolve_to_the_topic_they_were_set_with() {

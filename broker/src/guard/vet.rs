@@ -213,6 +213,51 @@ mod tests {
         assert!(end.contains("will topic co2/pi-2"), "{end}");
         let anonymous = with_will(connect("x", 30, None), "anything");
         assert!(vet(anonymous, false).is_ok());
+        // A will is a publish like any other: not on the device's acks (it would forge a
+        // storage ack), not with wildcards, not on another device's subtree.
+        for topic in ["ack/pi-1", "co2/pi-1/#", "co2/+", "co2/pi-10", "", "$SYS/x"] {
+            let will = with_will(connect("pi-1", 30, Some(("pi-1", "pw"))), topic);
+            let (code, end) = refusal(vet(will, true));
+            assert_eq!(code, ConnectReturnCode::NotAuthorized, "{topic:?}");
+            assert!(end.contains(&format!("will topic {topic}")), "{end}");
+        }
+        // The will is kept for rumqttd as the client sent it.
+        let own = with_will(connect("pi-1", 30, Some(("pi-1", "pw"))), "co2/pi-1");
+        let admitted = vet(own, true).unwrap();
+        let Packet::Connect(_, _, Some(will), _, _) = Codec::V4
+            .decode(
+                &admitted
+                    .upstream_connect(Bytes::new(), Codec::V4, Some("token"))
+                    .unwrap(),
+                1024,
+            )
+            .unwrap()
+        else {
+            panic!("the will was lost");
+        };
+        assert_eq!(&will.topic[..], b"co2/pi-1");
+        assert_eq!(&will.message[..], b"gone");
+    }
+
+    #[test]
+    fn client_id_checks_come_before_the_password_and_name_the_client() {
+        // The refusal carries the client id (for the log) even when it is unusable.
+        let refused = vet(connect("a/b", 30, None), false).unwrap_err();
+        assert_eq!(refused.client_id.as_deref(), Some("a/b"));
+        // A bad client id is refused as such, not as a missing login.
+        let (code, _) = refusal(vet(connect("a#", 30, None), true));
+        assert_eq!(code, ConnectReturnCode::ClientIdentifierNotValid);
+        // Characters rumqttd handles are fine, with or without credentials.
+        for good in ["pi-1", "Pi_7.kitchen-2", "pi 1", "ü-sensor"] {
+            assert!(vet(connect(good, 30, None), false).is_ok(), "{good:?}");
+            let admitted = vet(connect(good, 30, Some((good, "pw"))), true).unwrap();
+            assert_eq!(admitted.device.as_deref(), Some(good));
+        }
+        // NUL and DEL are control characters too.
+        for bad in ["a\0b", "a\u{7f}"] {
+            let (code, _) = refusal(vet(connect(bad, 30, None), false));
+            assert_eq!(code, ConnectReturnCode::ClientIdentifierNotValid, "{bad:?}");
+        }
     }
 
     #[test]

@@ -126,7 +126,7 @@ impl Classifier {
             ),
         };
         Ok(Reading {
-            device_id: device.as_str().to_owned(),
+            device_id: device,
             topic: topic.to_owned(),
             measured_at: measured_at.unwrap_or(received_at).naive_utc(),
             received_at: received_at.naive_utc(),

@@ -4,13 +4,14 @@
 //! optional to keep older spool files readable.
 
 use chrono::NaiveDateTime;
+use co2_proto::DeviceId;
 use serde::{Deserialize, Serialize};
 
 /// A reading ready to be stored. All times are UTC with millisecond precision.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reading {
     /// The device the topic names (`co2/<device>/...`); never taken from the payload.
-    pub device_id: String,
+    pub device_id: DeviceId,
     pub topic: String,
     /// When the sensor measured (stored in the legacy `date_time` column).
     pub measured_at: NaiveDateTime,

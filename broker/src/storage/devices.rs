@@ -42,7 +42,7 @@ impl DeviceActivity {
         let mut spans: BTreeMap<&str, (NaiveDateTime, NaiveDateTime)> = BTreeMap::new();
         for r in readings {
             spans
-                .entry(&r.device_id)
+                .entry(r.device_id.as_str())
                 .and_modify(|(first, last)| {
                     *first = (*first).min(r.received_at);
                     *last = (*last).max(r.received_at);
@@ -118,7 +118,7 @@ mod tests {
             .unwrap()
             .naive_utc();
         Reading {
-            device_id: device.into(),
+            device_id: co2_proto::DeviceId::new(device).unwrap(),
             topic: format!("co2/{device}"),
             measured_at: t,
             received_at: t,

@@ -1,6 +1,6 @@
 //! Real faults, injected for real: the database SIGKILLed mid-stream, the broker SIGTERMed or
-//! SIGKILLed with readings in its spool, a corrupt spool tail, bad payloads among good ones,
-//! a value the database refuses, a deadlock the broker's write loses.
+//! SIGKILLed with readings in its spool, a corrupt spool record and a torn tail, bad payloads
+//! among good ones, a value the database refuses, a deadlock the broker's write loses.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering::Relaxed;
@@ -223,7 +223,7 @@ fn spool_records(spool_dir: &std::path::Path) -> Vec<(std::path::PathBuf, u64, u
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn corrupt_spool_tail_is_skipped_with_a_warning_and_the_rest_stored() {
+async fn corrupt_spool_record_and_torn_tail_are_skipped_with_a_warning_and_the_rest_stored() {
     let mut mariadb = MariaDb::start();
     let url = mariadb.create_database("corrupt").await;
     let dir = tempfile::tempdir().unwrap();
@@ -253,11 +253,16 @@ async fn corrupt_spool_tail_is_skipped_with_a_warning_and_the_rest_stored() {
     assert_eq!(code, Some(0));
 
     let records = spool_records(&setup.data_dir.join("spool"));
-    assert!(records.len() >= 2, "several batches spooled: {records:?}");
-    let (segment, offset, lost) = records.last().cloned().unwrap();
-    // Flip a byte inside the last record's body, as a bad sector or torn write would.
+    assert!(records.len() >= 3, "several batches spooled: {records:?}");
+    // Flip a byte inside a record in the middle, as a bad sector would: the batches after it
+    // were acked to their agents too, and must survive it.
+    let (segment, offset, lost) = records[records.len() / 2].clone();
     let mut bytes = std::fs::read(&segment).unwrap();
     bytes[offset as usize + 12] ^= 0x55;
+    // And tear the last record, as a power cut mid-write would.
+    let (last_segment, last_offset, torn) = records.last().cloned().unwrap();
+    assert_eq!(last_segment, segment, "one segment");
+    bytes.truncate(last_offset as usize + 20);
     std::fs::write(&segment, bytes).unwrap();
 
     mariadb = blocking(move || {
@@ -266,10 +271,11 @@ async fn corrupt_spool_tail_is_skipped_with_a_warning_and_the_rest_stored() {
     })
     .await;
     let broker = BrokerProcess::spawn(&setup).await;
-    let expected = N - lost as u64;
+    let expected = N - (lost + torn) as u64;
     wait_for_rows(&url, expected, Duration::from_secs(60)).await;
     let log = broker.terminate().1;
-    assert!(log.contains("torn or corrupt record"), "{log}");
+    assert!(log.contains("spool segment holds corrupt records"), "{log}");
+    assert!(log.contains("spool segment ends in a torn record"), "{log}");
     assert_eq!(stored_identities(&url).await, (expected as usize, expected));
     drop(mariadb);
 }

@@ -258,7 +258,7 @@ async fn identity_and_last_seen(url: &str) {
     };
     let batch = |s: i64| Batch {
         readings: vec![Reading {
-            device_id: "pi-1".into(),
+            device_id: co2_proto::DeviceId::new("pi-1").unwrap(),
             topic: "co2/pi-1".into(),
             measured_at: at(s),
             received_at: at(s),
