@@ -1,12 +1,13 @@
 //! The schema of the co2 readings database, one migration per file, in order.
 //!
-//! The broker applies these at start (unless told not to) and `cargo run -p migration -- up`
-//! applies them by hand. Both MySQL/MariaDB (production) and SQLite (embedded default) are
-//! supported by every migration.
+//! The broker applies these at start (unless told not to); `co2-broker migrate up|down|status`
+//! applies them by hand, on the database the broker's settings name (`co2.database_url`, or
+//! the file `co2.database_url_file` names, each overridable by `CO2_DATABASE_URL` /
+//! `CO2_DATABASE_URL_FILE`). Both MySQL/MariaDB (production) and SQLite (embedded default)
+//! are supported by every migration.
 
 pub use sea_orm_migration::prelude::*;
 
-pub mod database_url;
 mod m20261124_000001_readings;
 mod m20261124_000002_last_seen_index;
 mod m20261130_000003_devices;

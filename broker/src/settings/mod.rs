@@ -1,22 +1,25 @@
-//! Typed settings: `rumqttd.toml` (rumqttd's own sections plus our `[co2]` section), layered
-//! with `CO2_*` environment variables, validated once at start.
+//! Settings: `rumqttd.toml` (rumqttd's own sections plus our `[co2]` section), layered with
+//! `CO2_*` environment variables, parsed into types and validated once at start.
 //!
 //! Every key of `[co2]` can be overridden by the environment variable `CO2_<KEY>` in upper
 //! case, e.g. `CO2_DATABASE_URL` for `database_url` or `CO2_BATCH_MAX_ROWS` for
-//! `batch_max_rows`. An invalid value fails the start with one line that names the key.
+//! `batch_max_rows`. A key of rumqttd's sections that the file sets can be overridden by
+//! `CO2_<SECTION>__<KEY>…`, levels joined by `__`, e.g. `CO2_V4__1__LISTEN=0.0.0.0:1883` for
+//! `listen` of `[v4.1]`. An invalid value fails the start with one line that names the key.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+mod database_url;
+mod ingest;
+mod source;
 
-use chrono_tz::Tz;
-use serde::{Deserialize, Serialize};
+use std::path::Path;
 
-pub use migration::database_url::{
-    masked as masked_url, DEFAULT_CONFIG_PATH, DEFAULT_DATABASE_URL,
-};
+pub use database_url::{masked as masked_url, DatabaseUrl, DEFAULT_DATABASE_URL};
+pub use ingest::IngestSettings;
+pub use source::{ConfigSource, BUILT_IN_CONFIG, DEFAULT_CONFIG_PATH};
 
-/// Most rows one INSERT may carry: 10 bound values a row must stay below SQLite's limit of
-/// 32,766 variables (MySQL allows 65,535).
+/// Most rows one INSERT may carry: a row binds at most 9 values (7 without temperature and
+/// humidity, see `storage::database`), so 3000 rows stay below SQLite's limit of 32,766 bound
+/// variables (MySQL allows 65,535).
 pub const MAX_BATCH_ROWS: usize = 3000;
 
 /// Everything the broker needs, loaded and checked.
@@ -25,148 +28,24 @@ pub struct Settings {
     /// rumqttd's configuration, passed through unchanged (listeners, router, limits).
     pub mqtt: rumqttd::Config,
     pub ingest: IngestSettings,
-    /// `CO2_*` environment variables that name no `[co2]` key (typos, or another program's
+    /// Where all this came from, for the start log (built-in defaults deserve a warning).
+    pub source: ConfigSource,
+    /// `CO2_*` environment variables that name no setting (typos, or another program's
     /// variables such as the edge agent's `CO2_EDGE__…`): ignored, and reported at start.
     pub ignored_env: Vec<String>,
-}
-
-/// The `[co2]` section: storage and ingest. Durations are in milliseconds.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IngestSettings {
-    /// `sqlite://path?mode=rwc` (embedded default) or `mysql://user:password@host/db`.
-    pub database_url: DatabaseUrl,
-    /// Apply pending migrations at start; turn off where schema changes are rolled out by hand.
-    pub run_migrations: bool,
-    /// Where the broker keeps its on-disk spool.
-    pub data_dir: PathBuf,
-    /// IANA zone of the wall-clock times in legacy `Y-M-D h:m:s|value` payloads.
-    pub legacy_timezone: String,
-    /// A batch is written once it holds this many readings...
-    pub batch_max_rows: usize,
-    /// ...or once its first reading has waited this long.
-    pub batch_max_delay_ms: u64,
-    /// Readings parsed but not yet written. When full, the MQTT link waits and rumqttd's
-    /// commit log buffers instead (see `router.max_segment_*`).
-    pub queue_capacity: usize,
-    /// A database write slower than this counts as failed and the batch goes to the spool.
-    pub db_write_timeout_ms: u64,
-    /// How often to retry the database while the spool holds readings.
-    pub db_retry_interval_ms: u64,
-    /// Batches written concurrently (each on its own connection).
-    pub db_writers: usize,
-    /// Connections in the database pool; at least `db_writers`.
-    pub db_pool_size: u32,
-    /// Upper bound of the spool on disk; at the bound new batches are refused (and not acked).
-    pub spool_max_bytes: u64,
-    /// Plausible CO2 range in ppm; readings outside are rejected.
-    pub min_co2_ppm: f64,
-    pub max_co2_ppm: f64,
-    /// Readings timestamped further than this into the future are rejected.
-    pub max_future_skew_ms: u64,
-    /// On SIGTERM, how long at most to keep draining what clients already sent (connections
-    /// that stay open keep sending, so the drain may never go quiet on its own).
-    pub shutdown_grace_ms: u64,
-    /// Address of the `/metrics`, `/healthz` and `/readyz` endpoint; empty turns it off.
-    pub http_listen: String,
-    /// Device credentials (`<device>:<argon2 hash>` lines, edited with `co2-broker passwd`).
-    /// Set: every MQTT client must log in as a device, with client id = username, and may only
-    /// use its own topics. Unset: anonymous, and only loopback listeners are allowed.
-    pub credentials_file: Option<PathBuf>,
-    /// Let listeners on other interfaces than loopback run without credentials: an open broker
-    /// anyone on the network can use. Off by default; logged as a warning at every start.
-    pub allow_anonymous_remote: bool,
-    /// A file holding the database URL (e.g. a secret mounted outside git); when set it wins
-    /// over `database_url`.
-    pub database_url_file: Option<PathBuf>,
-}
-
-impl Default for IngestSettings {
-    fn default() -> Self {
-        Self {
-            database_url: DatabaseUrl(DEFAULT_DATABASE_URL.into()),
-            run_migrations: true,
-            data_dir: PathBuf::from("data"),
-            legacy_timezone: "UTC".into(),
-            batch_max_rows: 1000,
-            batch_max_delay_ms: 10,
-            queue_capacity: 65_536,
-            db_write_timeout_ms: 5_000,
-            db_retry_interval_ms: 1_000,
-            db_writers: 3,
-            db_pool_size: 4,
-            spool_max_bytes: 1 << 30,
-            min_co2_ppm: 0.0,
-            max_co2_ppm: 100_000.0,
-            max_future_skew_ms: 24 * 3600 * 1000,
-            shutdown_grace_ms: 3_000,
-            http_listen: "127.0.0.1:9883".into(),
-            credentials_file: None,
-            allow_anonymous_remote: false,
-            database_url_file: None,
-        }
-    }
-}
-
-impl IngestSettings {
-    pub fn batch_max_delay(&self) -> Duration {
-        Duration::from_millis(self.batch_max_delay_ms)
-    }
-    pub fn db_write_timeout(&self) -> Duration {
-        Duration::from_millis(self.db_write_timeout_ms)
-    }
-    pub fn db_retry_interval(&self) -> Duration {
-        Duration::from_millis(self.db_retry_interval_ms)
-    }
-    pub fn shutdown_grace(&self) -> Duration {
-        Duration::from_millis(self.shutdown_grace_ms)
-    }
-    /// The metrics endpoint's address, already checked by [`Settings::validate`].
-    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
-        self.http_listen.parse().ok()
-    }
-    pub fn spool_dir(&self) -> PathBuf {
-        self.data_dir.join("spool")
-    }
-    /// The zone, already checked by [`Settings::validate`].
-    pub fn legacy_zone(&self) -> Tz {
-        self.legacy_timezone.parse().unwrap_or(Tz::UTC)
-    }
-}
-
-/// A database URL that never prints its password.
-#[derive(Clone, Deserialize, Serialize)]
-#[serde(transparent)]
-pub struct DatabaseUrl(String);
-
-impl DatabaseUrl {
-    pub fn new(url: impl Into<String>) -> Self {
-        Self(url.into())
-    }
-    /// The full URL, password included: only for connecting.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for DatabaseUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&masked_url(&self.0))
-    }
-}
-
-impl std::fmt::Display for DatabaseUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&masked_url(&self.0))
-    }
 }
 
 /// A setting that cannot be used, with the key that holds it.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
-    #[error("config {path}: {source}")]
+    #[error("configuration file {path:?} (named by {named_by}) not found")]
+    Missing {
+        path: std::path::PathBuf,
+        named_by: &'static str,
+    },
+    #[error("config {source_name}: {source}")]
     Load {
-        path: String,
+        source_name: String,
         source: config::ConfigError,
     },
     #[error("config key `{key}`: {reason}")]
@@ -183,39 +62,58 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> SettingsError {
 }
 
 impl Settings {
-    /// Loads `path`, applies `CO2_*` from `env`, and validates.
+    /// Loads the file at `path`, applies `CO2_*` from `env`, and validates.
     pub fn load(
         path: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, SettingsError> {
-        let load_err = |source| SettingsError::Load {
-            path: path.display().to_string(),
-            source,
+        Self::load_from(ConfigSource::File(path.to_owned()), env)
+    }
+
+    /// Reads `source`, applies `CO2_*` from `env`, parses into types and validates. The one
+    /// place that decides what the broker and `co2-broker migrate` run with, the database URL
+    /// included: `database_url_file` (from the file or `CO2_DATABASE_URL_FILE`) wins over
+    /// `database_url` (from `CO2_DATABASE_URL` or the file), else [`DEFAULT_DATABASE_URL`].
+    pub fn load_from(
+        source: ConfigSource,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, SettingsError> {
+        let load_err = |source_err| SettingsError::Load {
+            source_name: source.describe(),
+            source: source_err,
         };
-        let mut builder = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml));
-        let known_keys = match serde_json::to_value(IngestSettings::default()) {
-            Ok(serde_json::Value::Object(fields)) => fields.keys().cloned().collect(),
-            _ => Vec::new(),
-        };
+        let file = source
+            .add_to(config::Config::builder())
+            .build()
+            .map_err(load_err)?;
+        let co2_keys = ingest::keys();
+        let mut builder = config::Config::builder().add_source(file.clone());
         let mut ignored_env = Vec::new();
         for (name, value) in env {
-            // CO2_CONFIG names the file itself; it is not a key of [co2].
-            let Some(key) = name.strip_prefix("CO2_").filter(|k| *k != "CONFIG") else {
+            // CO2_CONFIG names the file itself; it is not a setting.
+            let Some(suffix) = name.strip_prefix("CO2_").filter(|k| *k != "CONFIG") else {
                 continue;
             };
-            let key = key.to_lowercase();
-            if known_keys.contains(&key) {
-                builder = builder
-                    .set_override(format!("co2.{key}"), value)
-                    .map_err(load_err)?;
+            let suffix = suffix.to_lowercase();
+            let key = if suffix.contains("__") {
+                // rumqttd's keys: only those the file sets, so that another program's
+                // variables (the edge agent's CO2_EDGE__MQTT__HOST) and typos are reported,
+                // not silently added as sections rumqttd ignores.
+                let key = suffix.replace("__", ".");
+                file.get::<config::Value>(&key).is_ok().then_some(key)
             } else {
-                ignored_env.push(name);
+                co2_keys
+                    .contains(&suffix.as_str())
+                    .then(|| format!("co2.{suffix}"))
+            };
+            match key {
+                Some(key) => builder = builder.set_override(key, value).map_err(load_err)?,
+                None => ignored_env.push(name),
             }
         }
         let layered = builder.build().map_err(load_err)?;
         let mqtt: rumqttd::Config = layered.clone().try_deserialize().map_err(load_err)?;
-        let ingest = match layered.get::<config::Value>("co2") {
+        let mut ingest: IngestSettings = match layered.get::<config::Value>("co2") {
             // Through serde_path_to_error, so that a bad value names its own key rather
             // than the whole section.
             Ok(section) => serde_path_to_error::deserialize(section).map_err(|e| {
@@ -231,7 +129,6 @@ impl Settings {
             Err(config::ConfigError::NotFound(_)) => IngestSettings::default(),
             Err(e) => return Err(load_err(e)),
         };
-        let mut ingest: IngestSettings = ingest;
         if let Some(file) = &ingest.database_url_file {
             let url = std::fs::read_to_string(file).map_err(|e| {
                 invalid(
@@ -244,21 +141,17 @@ impl Settings {
         let settings = Self {
             mqtt,
             ingest,
+            source,
             ignored_env,
         };
         settings.validate()?;
         Ok(settings)
     }
 
-    /// Checks what serde cannot: ranges, zones, and rumqttd values that would panic its router.
+    /// Checks what types cannot: ranges, relations between keys, and rumqttd values that
+    /// would panic its router.
     pub fn validate(&self) -> Result<(), SettingsError> {
         let i = &self.ingest;
-        i.legacy_timezone.parse::<Tz>().map_err(|_| {
-            invalid(
-                "co2.legacy_timezone",
-                format!("unknown time zone {:?}", i.legacy_timezone),
-            )
-        })?;
         if !(1..=MAX_BATCH_ROWS).contains(&i.batch_max_rows) {
             return Err(invalid(
                 "co2.batch_max_rows",
@@ -283,20 +176,7 @@ impl Settings {
                 "must be greater than co2.min_co2_ppm",
             ));
         }
-        if !i.http_listen.is_empty() && i.http_listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(invalid(
-                "co2.http_listen",
-                format!(
-                    "{:?} is not an address like 127.0.0.1:9883 (empty turns it off)",
-                    i.http_listen
-                ),
-            ));
-        }
-        let url = i.database_url.expose();
-        if !(url.starts_with("sqlite:")
-            || url.starts_with("mysql://")
-            || url.starts_with("mariadb://"))
-        {
+        if !i.database_url.has_supported_scheme() {
             return Err(invalid(
                 "co2.database_url",
                 "must start with sqlite:, mysql:// or mariadb://",
@@ -400,5 +280,96 @@ impl Settings {
         let v4 = self.mqtt.v4.iter().flat_map(|m| m.values()).map(|s| (4, s));
         let v5 = self.mqtt.v5.iter().flat_map(|m| m.values()).map(|s| (5, s));
         v4.chain(v5)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_built_in_defaults_are_valid() {
+        let settings = Settings::load_from(ConfigSource::BuiltIn, env(&[])).unwrap();
+        let listeners: Vec<String> = settings
+            .listeners()
+            .map(|(_, l)| l.listen.to_string())
+            .collect();
+        assert_eq!(listeners, ["127.0.0.1:1883", "127.0.0.1:1884"]);
+        assert_eq!(settings.ingest.database_url.expose(), DEFAULT_DATABASE_URL);
+        assert_eq!(settings.ingest.legacy_timezone, chrono_tz::Tz::UTC);
+        assert_eq!(
+            settings.ingest.http_listen,
+            Some("127.0.0.1:9883".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn the_environment_overrides_co2_keys_and_keys_the_file_sets() {
+        let settings = Settings::load_from(
+            ConfigSource::BuiltIn,
+            env(&[
+                ("CO2_V4__1__LISTEN", "127.0.0.1:2883"),
+                ("CO2_ROUTER__MAX_CONNECTIONS", "50"),
+                ("CO2_LEGACY_TIMEZONE", "Europe/Berlin"),
+                ("CO2_HTTP_LISTEN", ""),
+                ("CO2_EDGE__MQTT__HOST", "elsewhere"),
+                ("CO2_V4__1__NO_SUCH_KEY", "1"),
+                ("CO2_CONFIG", "ignored.toml"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        let v4 = settings.listeners().find(|(v, _)| *v == 4).unwrap().1;
+        assert_eq!(v4.listen.to_string(), "127.0.0.1:2883");
+        assert_eq!(settings.mqtt.router.max_connections, 50);
+        assert_eq!(
+            settings.ingest.legacy_timezone,
+            chrono_tz::Tz::Europe__Berlin
+        );
+        assert_eq!(settings.ingest.http_listen, None);
+        assert_eq!(
+            settings.ignored_env,
+            ["CO2_EDGE__MQTT__HOST", "CO2_V4__1__NO_SUCH_KEY"]
+        );
+    }
+
+    #[test]
+    fn typed_values_name_their_key() {
+        for (name, value, key) in [
+            ("CO2_LEGACY_TIMEZONE", "Mars/Olympus", "co2.legacy_timezone"),
+            ("CO2_HTTP_LISTEN", "localhost", "co2.http_listen"),
+            ("CO2_DATABASE_URL", "postgres://x", "co2.database_url"),
+        ] {
+            let err = Settings::load_from(ConfigSource::BuiltIn, env(&[(name, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(&format!("config key `{key}`: ")), "{err}");
+            assert!(err.contains(value) || key == "co2.database_url", "{err}");
+        }
+    }
+
+    #[test]
+    fn a_database_url_file_wins_and_stays_masked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("url");
+        std::fs::write(&file, "mysql://co2:s3cret@db:3306/sheroDB\n").unwrap();
+        let settings = Settings::load_from(
+            ConfigSource::BuiltIn,
+            env(&[
+                ("CO2_DATABASE_URL", "sqlite://elsewhere.db"),
+                ("CO2_DATABASE_URL_FILE", file.to_str().unwrap()),
+            ]),
+        )
+        .unwrap();
+        let url = &settings.ingest.database_url;
+        assert_eq!(url.expose(), "mysql://co2:s3cret@db:3306/sheroDB");
+        assert!(!format!("{settings:?}").contains("s3cret"));
     }
 }

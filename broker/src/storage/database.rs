@@ -86,7 +86,7 @@ impl Database {
     /// Prepares the pool without connecting yet (creating the SQLite file's directory): a
     /// broker must come up and spool even when the database is down at start.
     pub async fn connect(url: &DatabaseUrl, pool_size: u32) -> Result<Self, DbErr> {
-        if let Some(dir) = migration::database_url::sqlite_parent_dir(url.expose()) {
+        if let Some(dir) = url.sqlite_parent_dir() {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| DbErr::Custom(format!("cannot create {}: {e}", dir.display())))?;
         }
