@@ -42,7 +42,10 @@ impl Cli {
     /// Runs the command. `shutdown` stops the broker gracefully (SIGINT/SIGTERM in `main`).
     pub fn run(self, shutdown: impl Future<Output = ()>) -> ExitCode {
         let Cli { config, command } = self;
-        let source = move || ConfigSource::resolve(config, std::env::var_os("CO2_CONFIG"));
+        let source = move || {
+            ConfigSource::resolve(config, std::env::var_os("CO2_CONFIG"))
+                .map_err(SettingsError::from)
+        };
         match command {
             None => match load(source()) {
                 Ok(settings) => serve(settings, shutdown),

@@ -9,13 +9,15 @@ use std::time::Duration;
 use chrono_tz::Tz;
 use serde::{Deserialize, Deserializer};
 
-use super::database_url::DatabaseUrl;
+use super::DatabaseUrl;
 
 /// The `[co2]` section. Durations are in milliseconds, as in the file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestSettings {
-    /// `sqlite://path?mode=rwc` (embedded default) or `mysql://user:password@host/db`.
+    /// `sqlite://path?mode=rwc` (embedded default) or `mysql://user:password@host/db`. After
+    /// [`super::Settings::load`], the URL [`migration::database_url::resolve`] settled on
+    /// (`database_url_file` included).
     pub database_url: DatabaseUrl,
     /// Apply pending migrations at start; turn off where schema changes are rolled out by hand.
     pub run_migrations: bool,

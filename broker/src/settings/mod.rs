@@ -7,15 +7,17 @@
 //! `CO2_<SECTION>__<KEY>…`, levels joined by `__`, e.g. `CO2_V4__1__LISTEN=0.0.0.0:1883` for
 //! `listen` of `[v4.1]`. An invalid value fails the start with one line that names the key.
 
-mod database_url;
 mod ingest;
-mod source;
 
 use std::path::Path;
 
-pub use database_url::{masked as masked_url, DatabaseUrl, DEFAULT_DATABASE_URL};
 pub use ingest::IngestSettings;
-pub use source::{ConfigSource, BUILT_IN_CONFIG, DEFAULT_CONFIG_PATH};
+// Which file and which database: shared with the migration CLI, which must find the same.
+use migration::config_source::env_key;
+pub use migration::config_source::{
+    ConfigSource, MissingConfig, BUILT_IN_CONFIG, DEFAULT_CONFIG_PATH,
+};
+pub use migration::database_url::{masked as masked_url, DatabaseUrl, DEFAULT_DATABASE_URL};
 
 /// Most rows one INSERT may carry: a row binds at most 9 values (7 without temperature and
 /// humidity, see `storage::database`), so 3000 rows stay below SQLite's limit of 32,766 bound
@@ -38,11 +40,8 @@ pub struct Settings {
 /// A setting that cannot be used, with the key that holds it.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
-    #[error("configuration file {path:?} (named by {named_by}) not found")]
-    Missing {
-        path: std::path::PathBuf,
-        named_by: &'static str,
-    },
+    #[error(transparent)]
+    Missing(#[from] MissingConfig),
     #[error("config {source_name}: {source}")]
     Load {
         source_name: String,
@@ -71,8 +70,9 @@ impl Settings {
     }
 
     /// Reads `source`, applies `CO2_*` from `env`, parses into types and validates. The one
-    /// place that decides what the broker and `co2-broker migrate` run with, the database URL
-    /// included: `database_url_file` (from the file or `CO2_DATABASE_URL_FILE`) wins over
+    /// place that decides what the broker and `co2-broker migrate` run with; the database URL
+    /// comes from [`migration::database_url::resolve`], which the migration CLI uses too:
+    /// `database_url_file` (from `CO2_DATABASE_URL_FILE` or the file) wins over
     /// `database_url` (from `CO2_DATABASE_URL` or the file), else [`DEFAULT_DATABASE_URL`].
     pub fn load_from(
         source: ConfigSource,
@@ -82,19 +82,15 @@ impl Settings {
             source_name: source.describe(),
             source: source_err,
         };
-        let file = source
-            .add_to(config::Config::builder())
-            .build()
-            .map_err(load_err)?;
+        let file = source.read().map_err(load_err)?;
+        let env: Vec<(String, String)> = env.into_iter().collect();
         let co2_keys = ingest::keys();
         let mut builder = config::Config::builder().add_source(file.clone());
         let mut ignored_env = Vec::new();
-        for (name, value) in env {
-            // CO2_CONFIG names the file itself; it is not a setting.
-            let Some(suffix) = name.strip_prefix("CO2_").filter(|k| *k != "CONFIG") else {
+        for (name, value) in &env {
+            let Some(suffix) = env_key(name) else {
                 continue;
             };
-            let suffix = suffix.to_lowercase();
             let key = if suffix.contains("__") {
                 // rumqttd's keys: only those the file sets, so that another program's
                 // variables (the edge agent's CO2_EDGE__MQTT__HOST) and typos are reported,
@@ -107,8 +103,12 @@ impl Settings {
                     .then(|| format!("co2.{suffix}"))
             };
             match key {
-                Some(key) => builder = builder.set_override(key, value).map_err(load_err)?,
-                None => ignored_env.push(name),
+                Some(key) => {
+                    builder = builder
+                        .set_override(key, value.as_str())
+                        .map_err(load_err)?
+                }
+                None => ignored_env.push(name.clone()),
             }
         }
         let layered = builder.build().map_err(load_err)?;
@@ -129,15 +129,11 @@ impl Settings {
             Err(config::ConfigError::NotFound(_)) => IngestSettings::default(),
             Err(e) => return Err(load_err(e)),
         };
-        if let Some(file) = &ingest.database_url_file {
-            let url = std::fs::read_to_string(file).map_err(|e| {
-                invalid(
-                    "co2.database_url_file",
-                    format!("cannot read {}: {e}", file.display()),
-                )
+        ingest.database_url =
+            migration::database_url::resolve(&file, &env).map_err(|e| SettingsError::Invalid {
+                key: e.key,
+                reason: e.reason,
             })?;
-            ingest.database_url = DatabaseUrl::new(url.trim());
-        }
         let settings = Self {
             mqtt,
             ingest,
@@ -174,12 +170,6 @@ impl Settings {
             return Err(invalid(
                 "co2.max_co2_ppm",
                 "must be greater than co2.min_co2_ppm",
-            ));
-        }
-        if !i.database_url.has_supported_scheme() {
-            return Err(invalid(
-                "co2.database_url",
-                "must start with sqlite:, mysql:// or mariadb://",
             ));
         }
         let router = &self.mqtt.router;
