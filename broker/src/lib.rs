@@ -7,10 +7,12 @@
 //! ack on `ack/<device>`.
 
 pub mod auth;
+pub mod cli;
 pub mod guard;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
+pub mod migrate;
 pub mod mqtt;
 pub mod passwd;
 pub mod per_address;

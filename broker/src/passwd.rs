@@ -10,66 +10,47 @@ use anyhow::{bail, Context};
 
 use crate::auth::{check_device_id, hash_password, Credentials};
 
-pub const USAGE: &str = "\
-usage: co2-broker [--config PATH] passwd add <device> [--password-stdin] [--file PATH]
-       co2-broker [--config PATH] passwd remove <device> [--file PATH]
-       co2-broker [--config PATH] passwd list [--file PATH]
-The file is co2.credentials_file of the config unless --file names one. `add` prompts for the
-password (twice) on a terminal and otherwise reads one line from stdin; it replaces the password
-of an existing device.";
-
-/// A parsed `passwd` command line.
-#[derive(Debug, PartialEq, Eq)]
+/// `co2-broker passwd …`: the arguments after `passwd`.
+#[derive(Debug, clap::Args)]
+#[command(
+    about = "Add, list or remove devices in the credentials file",
+    after_help = "The file is co2.credentials_file of the config unless --file names one. `add` prompts for \
+                  the password (twice) on a terminal and otherwise reads one line from stdin; it \
+                  replaces the password of an existing device."
+)]
 pub struct PasswdArgs {
+    #[command(subcommand)]
     pub action: Action,
-    /// `--file`; otherwise the config's `co2.credentials_file`.
+    /// The credentials file [default: co2.credentials_file of the config].
+    #[arg(short, long, value_name = "PATH", global = true)]
     pub file: Option<PathBuf>,
-    pub password_stdin: bool,
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, clap::Subcommand)]
 pub enum Action {
-    Add(String),
-    Remove(String),
+    /// Add a device, or replace its password.
+    Add {
+        #[arg(value_parser = device_id)]
+        device: String,
+        /// Read the password from stdin even on a terminal.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Remove a device; its open connections are closed.
+    #[command(visible_alias = "rm", alias = "delete")]
+    Remove {
+        #[arg(value_parser = device_id)]
+        device: String,
+    },
+    /// List the devices.
+    #[command(visible_alias = "ls")]
     List,
 }
 
-impl PasswdArgs {
-    /// Parses the arguments after `passwd`.
-    pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Self, String> {
-        let mut positional = Vec::new();
-        let (mut file, mut password_stdin) = (None, false);
-        let mut args = args.into_iter();
-        while let Some(arg) = args.next() {
-            match arg.as_str() {
-                "--password-stdin" => password_stdin = true,
-                "--file" | "-f" => {
-                    file = Some(PathBuf::from(args.next().ok_or("--file needs a path")?))
-                }
-                flag if flag.starts_with('-') => return Err(format!("unknown option {flag}")),
-                _ => positional.push(arg),
-            }
-        }
-        let action = match positional
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>()
-            .as_slice()
-        {
-            ["add", device] => Action::Add(device.to_string()),
-            ["remove" | "rm" | "delete", device] => Action::Remove(device.to_string()),
-            ["list" | "ls"] => Action::List,
-            _ => return Err("expected `add <device>`, `remove <device>` or `list`".into()),
-        };
-        if let Action::Add(device) | Action::Remove(device) = &action {
-            check_device_id(device)?;
-        }
-        Ok(Self {
-            action,
-            file,
-            password_stdin,
-        })
-    }
+/// A device id as the credentials file accepts it.
+fn device_id(id: &str) -> Result<String, String> {
+    check_device_id(id)?;
+    Ok(id.to_owned())
 }
 
 /// Runs the command on `file`; returns what to print on stdout.
@@ -77,8 +58,11 @@ pub fn run(args: &PasswdArgs, file: &Path) -> anyhow::Result<String> {
     let mut credentials = Credentials::load(file)?;
     match &args.action {
         Action::List => Ok(credentials.devices().map(|d| format!("{d}\n")).collect()),
-        Action::Add(device) => {
-            let password = read_password(device, args.password_stdin)?;
+        Action::Add {
+            device,
+            password_stdin,
+        } => {
+            let password = read_password(device, *password_stdin)?;
             if password.is_empty() {
                 bail!("empty password");
             }
@@ -93,7 +77,7 @@ pub fn run(args: &PasswdArgs, file: &Path) -> anyhow::Result<String> {
                 file.display()
             ))
         }
-        Action::Remove(device) => {
+        Action::Remove { device } => {
             if !credentials.remove(device) {
                 bail!("no device {device} in {}", file.display());
             }
@@ -151,25 +135,41 @@ fn prompt(text: &str) -> anyhow::Result<String> {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
 
-    fn parse(args: &[&str]) -> Result<PasswdArgs, String> {
-        PasswdArgs::parse(args.iter().map(|s| s.to_string()))
+    /// `passwd` as the broker's command line nests it.
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        passwd: PasswdArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<PasswdArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("passwd").chain(args.iter().copied())).map(|c| c.passwd)
     }
 
     #[test]
     fn parses_the_three_actions() {
+        let add = parse(&["add", "pi-7", "--password-stdin"]).unwrap();
         assert_eq!(
-            parse(&["add", "pi-7", "--password-stdin"]).unwrap(),
-            PasswdArgs {
-                action: Action::Add("pi-7".into()),
-                file: None,
+            add.action,
+            Action::Add {
+                device: "pi-7".into(),
                 password_stdin: true
             }
         );
+        assert_eq!(add.file, None);
         assert_eq!(
             parse(&["remove", "pi-7", "--file", "x"]).unwrap().file,
             Some(PathBuf::from("x"))
+        );
+        assert_eq!(
+            parse(&["rm", "pi-7"]).unwrap().action,
+            Action::Remove {
+                device: "pi-7".into()
+            }
         );
         assert_eq!(parse(&["list"]).unwrap().action, Action::List);
         assert!(parse(&["add"]).is_err());

@@ -3,7 +3,7 @@
 //! This is the MQTT-independent core of the publisher, driven by the agent loop with the
 //! events rumqttc reports; tests drive it directly with a recording [`PublishSink`].
 //!
-//! Rules (from `shared/notes/edge-sensors.md` §4.1 and `co2_proto::ack`):
+//! Rules (the storage ack itself is defined in `co2_proto::ack`):
 //! - **JSON format:** a reading leaves the outbox only when its seq appears in a
 //!   [`StorageAck`] on `ack/<device>`. A PUBACK only proves the broker read the packet.
 //! - **Legacy format:** the payload has no seq, so the broker cannot ack storage; the reading
@@ -13,7 +13,8 @@
 //!   unacknowledged is resent from the outbox, oldest first (rumqttc silently drops in-flight
 //!   QoS 1 messages whenever the broker lost the session).
 //! - In JSON mode, when the oldest in-flight reading has waited `ack_timeout` for its storage
-//!   ack, everything unacknowledged is resent (the broker deduplicates on `(device, seq)`).
+//!   ack, everything unacknowledged is resent (the broker stores a reading once per device,
+//!   measured time and seq, so a resent one is not stored twice).
 //! - At most `max_in_flight` readings are unacknowledged at a time, and sends are rate-limited
 //!   by a token bucket, so a backlog drains in order at a bounded rate.
 //! - Readings whose time cannot be established yet are held (see [`crate::clock`]); since the

@@ -3,8 +3,9 @@
 //!
 //! ## Identity (`dedup_key`)
 //! A reading delivered twice (QoS 1 redelivery, an agent resending after a crash) must be
-//! stored once, so each reading gets a key that is unique per device (`UNIQUE(device_id,
-//! dedup_key)`):
+//! stored once, so each reading gets a key, and the table stores one row per `(device_id,
+//! date_time, dedup_key)` (its unique index; `date_time` is the measured time, or the receive
+//! time for payloads without one):
 //! - payload with time and sequence number: `t<epoch ms>s<seq>`. Time is part of the key so
 //!   that an agent whose counter restarts (reinstalled, outbox wiped) is not mistaken for
 //!   redelivery.
@@ -41,7 +42,7 @@ pub struct Classifier {
 impl Classifier {
     pub fn new(settings: &IngestSettings) -> Self {
         Self {
-            legacy_zone: settings.legacy_zone(),
+            legacy_zone: settings.legacy_timezone,
             co2_range: settings.min_co2_ppm..=settings.max_co2_ppm,
             max_future_skew: TimeDelta::milliseconds(settings.max_future_skew_ms as i64),
             boot: format!("{:x}", Utc::now().timestamp_millis()),
@@ -168,7 +169,7 @@ mod tests {
 
     fn classifier(zone: &str) -> Classifier {
         Classifier::new(&IngestSettings {
-            legacy_timezone: zone.into(),
+            legacy_timezone: zone.parse().expect("a known zone"),
             ..IngestSettings::default()
         })
     }

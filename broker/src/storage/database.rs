@@ -86,10 +86,8 @@ impl Database {
     /// Prepares the pool without connecting yet (creating the SQLite file's directory): a
     /// broker must come up and spool even when the database is down at start.
     pub async fn connect(url: &DatabaseUrl, pool_size: u32) -> Result<Self, DbErr> {
-        if let Some(dir) = migration::database_url::sqlite_parent_dir(url.expose()) {
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| DbErr::Custom(format!("cannot create {}: {e}", dir.display())))?;
-        }
+        url.create_sqlite_dir()
+            .map_err(|e| DbErr::Custom(e.to_string()))?;
         let mut options = ConnectOptions::new(url.expose());
         options
             .max_connections(pool_size)

@@ -1,8 +1,8 @@
 //! CO2 sources: one driver per sensor protocol, plus a simulated and an external-command source,
 //! all behind the [`Source`] trait the sampler polls.
 //!
-//! Every driver's protocol logic is pure and tested with the datasheet vectors from
-//! `shared/notes/edge-sensors.md`; hardware access goes through [`transport`].
+//! Every driver's protocol logic is pure and tested with example frames (checksums and CRCs
+//! included) from the sensors' datasheets; hardware access goes through [`transport`].
 
 pub mod command;
 pub mod mhz19;

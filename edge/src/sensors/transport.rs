@@ -5,7 +5,7 @@
 //! (SCD4x). The real implementations wrap rppal 0.22, which compiles on any Linux; only opening
 //! them needs the device nodes. Tests use the scripted doubles in [`script`].
 //!
-//! rppal traps this module works around (see `shared/notes/edge-sensors.md` §2):
+//! rppal 0.22 traps this module works around:
 //! - `set_read_mode(min > 0, timeout)` only starts the timer after the first byte, so a silent
 //!   sensor would block forever: we use `(0, 100 ms)` and loop until our own deadline.
 //! - `Uart::flush` *discards* queued bytes; waiting for them to be sent is `drain`.
