@@ -192,7 +192,9 @@ fn run_checks(jobs: &Mutex<Receiver<Job>>, metrics: &IngestMetrics) {
         if job.verdict.is_closed() {
             continue; // the client left (or its deadline passed) while the check waited
         }
-        let right = job.credentials.verify_in(&job.device, &job.password, &mut memory);
+        let right = job
+            .credentials
+            .verify_in(&job.device, &job.password, &mut memory);
         IngestMetrics::add(&metrics.password_hashes, 1);
         let _ = job.verdict.send(right); // a client that left meanwhile needs no answer
     }

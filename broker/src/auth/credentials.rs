@@ -218,8 +218,9 @@ impl Credentials {
     /// way, against 2 × 19 MiB for the two checking threads with their own memory.
     pub fn verify_in(&self, device: &str, password: &str, memory: &mut ArgonMemory) -> bool {
         match self.devices.get(device) {
-            Some(hash) => PasswordHash::new(hash)
-                .is_ok_and(|hash| memory.matches(password.as_bytes(), &hash)),
+            Some(hash) => {
+                PasswordHash::new(hash).is_ok_and(|hash| memory.matches(password.as_bytes(), &hash))
+            }
             None => {
                 memory.waste_time(password.as_bytes()); // timing only: unknown ≈ wrong
                 false
@@ -243,7 +244,8 @@ impl ArgonMemory {
         };
         let (Ok(algorithm), Ok(version), Ok(params)) = (
             Algorithm::try_from(hash.algorithm),
-            hash.version.map_or(Ok(Version::default()), Version::try_from),
+            hash.version
+                .map_or(Ok(Version::default()), Version::try_from),
             Params::try_from(hash),
         ) else {
             return false;
@@ -267,7 +269,12 @@ impl ArgonMemory {
         let mut out = [0u8; 32];
         let blocks = self.blocks_for(&params);
         let _ = Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
-            .hash_password_into_with_memory(password, b"co2-broker-unknown-device", &mut out, blocks);
+            .hash_password_into_with_memory(
+                password,
+                b"co2-broker-unknown-device",
+                &mut out,
+                blocks,
+            );
     }
 
     fn blocks_for(&mut self, params: &Params) -> &mut [Block] {
@@ -308,10 +315,14 @@ mod tests {
             .set("bigger", hash_password_with("b", bigger).unwrap())
             .unwrap();
         // Argon2d and version 0x10 hashes from elsewhere verify the same way.
-        let other = Argon2::new(Algorithm::Argon2d, Version::V0x10, Params::new(16, 1, 1, None).unwrap())
-            .hash_password(b"c", &SaltString::generate(&mut OsRng))
-            .unwrap()
-            .to_string();
+        let other = Argon2::new(
+            Algorithm::Argon2d,
+            Version::V0x10,
+            Params::new(16, 1, 1, None).unwrap(),
+        )
+        .hash_password(b"c", &SaltString::generate(&mut OsRng))
+        .unwrap()
+        .to_string();
         creds.set("other", other).unwrap();
         let mut memory = ArgonMemory::default();
         for _ in 0..2 {
