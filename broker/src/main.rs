@@ -12,49 +12,20 @@ fn main() -> ExitCode {
     cli.run(shutdown_signal())
 }
 
-/// rumqttd 0.20 logs these at ERROR for every ordinary client disconnect; an operator must
-/// not learn to ignore ERROR lines, so exactly these call sites (file, line) are dropped.
-const BENIGN_RUMQTTD_ERRORS: [(&str, u32); 4] = [
-    ("src/router/routing.rs", 416), // "no-connection id … is already gone"
-    ("src/router/routing.rs", 436),
-    ("src/router/routing.rs", 539),
-    ("src/server/broker.rs", 581), // "router-drop error=Recv(Disconnected)"
-];
-
-/// Spans rumqttd opens for every single message at ERROR level (so `rumqttd=warn` keeps
-/// them). Recording them formats the topic of each PUBLISH on the router's only thread; the
-/// profile of the benchmark showed it among the broker's top costs. Connection-level spans
-/// (`remote_link`, `incoming_connect`, …) stay: they give errors their client id.
-const PER_MESSAGE_RUMQTTD_SPANS: [&str; 4] = [
-    "publish",
-    "incoming_payload",
-    "[>] incoming",
-    "[<] outgoing",
-];
-
 /// `RUST_LOG` decides; by default rumqttd only speaks up for warnings, because at info it
-/// logs every connection.
+/// logs every connection. rumqttd's noise is dropped whatever `RUST_LOG` says.
 fn init_tracing() {
+    use co2_broker::rumqttd_quirks::log_noise;
     use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
-    let not_benign = tracing_subscriber::filter::filter_fn(|meta| {
-        if !meta.target().starts_with("rumqttd") {
-            return true;
-        }
-        if meta.is_span() {
-            return !PER_MESSAGE_RUMQTTD_SPANS.contains(&meta.name());
-        }
-        !BENIGN_RUMQTTD_ERRORS.iter().any(|(file, line)| {
-            meta.line() == Some(*line) && meta.file().is_some_and(|f| f.ends_with(file))
-        })
-    });
+    let not_noise = tracing_subscriber::filter::filter_fn(|meta| !log_noise::is_noise(meta));
     tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
                 .with_filter(filter)
-                .with_filter(not_benign),
+                .with_filter(not_noise),
         )
         .init();
 }

@@ -25,6 +25,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::auth::{Authenticator, CredentialsError};
 use crate::guard::{Codec, Guard, GuardedListener, Upstream};
 use crate::metrics::IngestMetrics;
+use crate::rumqttd_quirks;
 use crate::settings::Settings;
 use crate::storage::AckSink;
 
@@ -175,7 +176,7 @@ impl EmbeddedBroker {
             let guard_name = name.clone();
             tasks.spawn(async move { (guard_name, Err(serve.await.to_string())) });
             let (mut config, router_tx) = (listener.clone(), router_tx.clone());
-            let mut poisoned = rumqttd_panics::subscribe();
+            let mut poisoned = rumqttd_quirks::listener_panic::subscribe();
             tasks.spawn(async move {
                 let mut port_retries = 0;
                 loop {
@@ -216,7 +217,7 @@ impl EmbeddedBroker {
                                 "rumqttd panicked while accepting a connection (rumqttd 0.20 bug, upstream issue #1062); \
                                  restarting this listener so that new clients can connect; open connections are unaffected"
                             );
-                            wait_until_bindable(upstream.get()).await;
+                            rumqttd_quirks::listener_panic::wait_until_bindable(upstream.get()).await;
                         }
                     }
                 }
@@ -274,58 +275,6 @@ fn is_addr_in_use(e: &(dyn std::error::Error + 'static)) -> bool {
         source = e.source();
     }
     false
-}
-
-/// After an aborted accept loop its socket closes asynchronously; wait (briefly) until the
-/// port can be bound again so that the restarted listener does not fail on `AddrInUse`.
-async fn wait_until_bindable(addr: SocketAddr) {
-    for _ in 0..100 {
-        if std::net::TcpListener::bind(addr).is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Notices panics inside rumqttd's connection handling.
-///
-/// rumqttd 0.20 keeps a per-listener map of pending last-will senders behind a `Mutex`. When a
-/// connection fails during its handshake (a client id reused while its previous connection is
-/// still being set up, an invalid client id, the connection limit), its entry stays behind,
-/// and the next CONNECT with that client id panics *while holding the lock*. The poisoned
-/// mutex then makes every later connection on that listener panic: the broker runs on but
-/// accepts no client, for good (upstream issue bytebeamio/rumqtt#1062, fix not released).
-/// The map belongs to the `Server`, so a fresh `Server` on the same port heals it; this
-/// module tells the listener supervisors when to do that.
-mod rumqttd_panics {
-    use std::sync::OnceLock;
-    use tokio::sync::watch;
-
-    static PANICS: OnceLock<watch::Sender<u64>> = OnceLock::new();
-
-    /// Installs (once per process) a panic hook that counts panics located in rumqttd's
-    /// `server/broker.rs`, and returns a receiver that changes with every such panic. The
-    /// previous hook still runs, so the panic is reported as usual.
-    pub fn subscribe() -> watch::Receiver<u64> {
-        PANICS
-            .get_or_init(|| {
-                let (panics, _) = watch::channel(0);
-                let previous = std::panic::take_hook();
-                std::panic::set_hook(Box::new(move |info| {
-                    let in_rumqttd_server = info.location().is_some_and(|l| {
-                        l.file().contains("rumqttd") && l.file().ends_with("server/broker.rs")
-                    });
-                    if in_rumqttd_server {
-                        if let Some(panics) = PANICS.get() {
-                            panics.send_modify(|n| *n += 1);
-                        }
-                    }
-                    previous(info);
-                }));
-                panics
-            })
-            .subscribe()
-    }
 }
 
 async fn wait_for_suback(link_rx: &mut LinkRx) -> Result<(), MqttError> {

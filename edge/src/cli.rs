@@ -1,87 +1,46 @@
-//! Command-line arguments: a tiny hand-written parser (no clap) for the few flags the agent
-//! has. Everything else lives in the config file.
+//! Command-line arguments (clap): the few flags the agent has. Everything else lives in the
+//! config file; the flags here only override it.
 
 use std::path::PathBuf;
+
+use clap::Parser;
 
 use crate::config::Overrides;
 
 pub const DEFAULT_CONFIG: &str = "/etc/co2-edge/config.toml";
 
-pub const USAGE: &str = "\
-co2-edge: reads a CO2 sensor and publishes every reading to the co2 broker
-
-USAGE: co2-edge [OPTIONS]
-
-OPTIONS:
-  -c, --config <FILE>     TOML config (default /etc/co2-edge/config.toml if it exists)
-      --once              print one reading as JSON and exit (wiring check)
-      --device-id <ID>    overrides device_id
-      --data-dir <DIR>    overrides data_dir (the outbox lives in <DIR>/outbox)
-      --broker <HOST[:PORT]>  overrides mqtt.host / mqtt.port
-      --sensor <KIND>     overrides sensor.kind (mhz19, senseair_s8, scd4x, simulated, command)
-      --interval-ms <MS>  overrides sensor.interval_ms
-      --log <FILTER>      overrides log (e.g. info, co2_edge=debug); RUST_LOG wins
-  -h, --help              this text
-  -V, --version           the version
-
-Environment: CO2_EDGE__<SECTION>__<KEY> overrides the file, e.g. CO2_EDGE__MQTT__HOST=broker.lan
-";
-
-#[derive(Debug, Default)]
+/// co2-edge: reads a CO2 sensor and publishes every reading to the co2 broker
+#[derive(Debug, Parser)]
+#[command(
+    name = "co2-edge",
+    version,
+    after_help = "Environment: CO2_EDGE__<SECTION>__<KEY> overrides the file, e.g. CO2_EDGE__MQTT__HOST=broker.lan"
+)]
 pub struct Args {
+    /// TOML config (default /etc/co2-edge/config.toml if it exists)
+    #[arg(short, long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Print one reading as JSON and exit (wiring check)
+    #[arg(long)]
     pub once: bool,
-    pub help: bool,
-    pub version: bool,
-    pub overrides: Overrides,
-}
-
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum ArgsError {
-    #[error("{0} needs a value")]
-    MissingValue(String),
-    #[error("{flag}: {value:?} is not a number")]
-    NotANumber { flag: String, value: String },
-    #[error("unknown argument {0:?} (try --help)")]
-    Unknown(String),
-}
-
-/// Parses `args` (without the program name). Accepts `--flag value` and `--flag=value`.
-pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Args, ArgsError> {
-    let mut out = Args::default();
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .ok_or_else(|| ArgsError::MissingValue(flag.clone()))
-        };
-        match flag.as_str() {
-            "-c" | "--config" => out.config = Some(PathBuf::from(value()?)),
-            "--once" => out.once = true,
-            "-h" | "--help" => out.help = true,
-            "-V" | "--version" => out.version = true,
-            "--device-id" => out.overrides.device_id = Some(value()?),
-            "--data-dir" => out.overrides.data_dir = Some(PathBuf::from(value()?)),
-            "--broker" => out.overrides.broker = Some(value()?),
-            "--sensor" => out.overrides.sensor = Some(value()?),
-            "--log" => out.overrides.log = Some(value()?),
-            "--interval-ms" => {
-                let v = value()?;
-                out.overrides.interval_ms = Some(v.parse().map_err(|_| ArgsError::NotANumber {
-                    flag: flag.clone(),
-                    value: v,
-                })?);
-            }
-            _ => return Err(ArgsError::Unknown(arg)),
-        }
-    }
-    Ok(out)
+    /// Overrides device_id
+    #[arg(long, value_name = "ID")]
+    device_id: Option<String>,
+    /// Overrides data_dir (the outbox lives in <DIR>/outbox)
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Overrides mqtt.host / mqtt.port
+    #[arg(long, value_name = "HOST[:PORT]")]
+    broker: Option<String>,
+    /// Overrides sensor.kind (mhz19, senseair_s8, scd4x, simulated, command)
+    #[arg(long, value_name = "KIND")]
+    sensor: Option<String>,
+    /// Overrides sensor.interval_ms
+    #[arg(long, value_name = "MS")]
+    interval_ms: Option<u64>,
+    /// Overrides log (e.g. info, co2_edge=debug); RUST_LOG wins
+    #[arg(long, value_name = "FILTER")]
+    log: Option<String>,
 }
 
 impl Args {
@@ -92,14 +51,28 @@ impl Args {
             default.exists().then_some(default)
         })
     }
+
+    /// The values that override the file and the environment.
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            device_id: self.device_id.clone(),
+            data_dir: self.data_dir.clone(),
+            broker: self.broker.clone(),
+            sensor: self.sensor.clone(),
+            interval_ms: self.interval_ms,
+            log: self.log.clone(),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use clap::error::ErrorKind;
+
     use super::*;
 
-    fn args(list: &[&str]) -> Result<Args, ArgsError> {
-        parse(list.iter().map(|s| s.to_string()))
+    fn args(list: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("co2-edge").chain(list.iter().copied()))
     }
 
     #[test]
@@ -111,23 +84,43 @@ mod tests {
             "--broker=h:1884",
             "--interval-ms",
             "100",
+            "--device-id",
+            "pi-7",
         ])
         .unwrap();
         assert_eq!(a.config, Some(PathBuf::from("/tmp/c.toml")));
         assert!(a.once);
-        assert_eq!(a.overrides.broker.as_deref(), Some("h:1884"));
-        assert_eq!(a.overrides.interval_ms, Some(100));
+        let overrides = a.overrides();
+        assert_eq!(overrides.broker.as_deref(), Some("h:1884"));
+        assert_eq!(overrides.interval_ms, Some(100));
+        assert_eq!(overrides.device_id.as_deref(), Some("pi-7"));
+        assert_eq!(overrides.sensor, None);
         assert_eq!(
-            args(&["--config"]).unwrap_err(),
-            ArgsError::MissingValue("--config".into())
+            args(&["-c", "x.toml"]).unwrap().config,
+            Some(PathBuf::from("x.toml"))
         );
-        assert!(matches!(
-            args(&["--interval-ms", "x"]),
-            Err(ArgsError::NotANumber { .. })
-        ));
-        assert_eq!(
-            args(&["--frobnicate"]).unwrap_err(),
-            ArgsError::Unknown("--frobnicate".into())
-        );
+    }
+
+    #[test]
+    fn mistakes_exit_2_and_help_exits_0() {
+        for wrong in [
+            &["--config"][..],
+            &["--interval-ms", "x"],
+            &["--frobnicate"],
+        ] {
+            let e = args(wrong).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{wrong:?}: {e}");
+        }
+        let e = args(&["--interval-ms", "x"]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ValueValidation);
+        let help = args(&["--help"]).unwrap_err();
+        assert_eq!(help.kind(), ErrorKind::DisplayHelp);
+        assert_eq!(help.exit_code(), 0);
+        let text = help.to_string();
+        assert!(text.contains("--interval-ms <MS>"), "{text}");
+        assert!(text.contains("CO2_EDGE__MQTT__HOST"), "{text}");
+        let version = args(&["-V"]).unwrap_err();
+        assert_eq!(version.kind(), ErrorKind::DisplayVersion);
+        assert_eq!(version.exit_code(), 0);
     }
 }

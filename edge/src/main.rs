@@ -1,23 +1,17 @@
 //! co2-edge binary: parse arguments, load the config, set up logging, run. Nothing else.
 
 use anyhow::Context;
+use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use co2_edge::{agent, cli, config};
 
 fn main() -> anyhow::Result<()> {
-    let args = cli::parse(std::env::args().skip(1))?;
-    if args.help {
-        print!("{}", cli::USAGE);
-        return Ok(());
-    }
-    if args.version {
-        println!("co2-edge {}", env!("CARGO_PKG_VERSION"));
-        return Ok(());
-    }
+    // `--help` and `--version` exit 0 here, wrong arguments 2.
+    let args = cli::Args::parse();
     let config_file = args.config_file();
     let settings =
-        config::load(config_file.as_deref(), &args.overrides).with_context(
+        config::load(config_file.as_deref(), &args.overrides()).with_context(
             || match &config_file {
                 Some(path) => format!("loading config {}", path.display()),
                 None => "loading config (no file; defaults and environment)".to_string(),

@@ -50,7 +50,7 @@ use crate::per_address::{AddressSlot, AddressSlots};
 use crate::throttle::Throttle;
 
 /// How long a connection waits for rumqttd's loopback listener (it is restarted after a
-/// rumqttd panic, see `mqtt::rumqttd_panics`).
+/// rumqttd panic, see `rumqttd_quirks::listener_panic`).
 const UPSTREAM_CONNECT_PATIENCE: Duration = Duration::from_secs(5);
 /// Connections one address may hold before they are admitted (TLS handshake, CONNECT,
 /// password check). A legitimate device needs one, for milliseconds; a host that opens idle

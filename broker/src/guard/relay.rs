@@ -25,6 +25,7 @@ use super::framing::{
 };
 use super::{acl, End, Guard, GuardedListener, Peer};
 use crate::ingest::record::{Record, Rejection};
+use crate::rumqttd_quirks::close_grace::UPSTREAM_CLOSE_GRACE;
 
 /// How often the guard pings rumqttd for a client without keep-alive (well within the
 /// stand-in keep-alive, which rumqttd enforces at 1.5 times).
@@ -34,8 +35,6 @@ pub const KEEP_ALIVE_PING: Duration = Duration::from_secs(30);
 pub const OVERSIZED_READ_THROUGH: usize = 1 << 20;
 /// Largest packet rumqttd may send to a client (the MQTT maximum); only frames the stream.
 const DOWNSTREAM_MAX: usize = 268_435_455;
-/// How long a finished client connection waits for rumqttd to close its side first.
-const UPSTREAM_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// MQTT 5 topic aliases the client set up on this connection: a PUBLISH with an empty topic
 /// means the topic last sent with its alias, and that is what the rules must judge.
@@ -170,12 +169,7 @@ where
         _ = &mut downstream => End::Closed,
         end = checked => {
             if matches!(end, End::Closed) {
-                // Let rumqttd close first. It reuses connection ids at once, and if the
-                // upstream socket closed while its router still handled the client's
-                // DISCONNECT, the connection task would send a second, late disconnect for an
-                // id the next client may already have, dropping that client. After a
-                // DISCONNECT rumqttd closes within milliseconds; a client that simply vanished
-                // is closed after the grace.
+                // Let rumqttd close first (see the quirk's module).
                 let _ = tokio::time::timeout(UPSTREAM_CLOSE_GRACE, &mut downstream).await;
             }
             end

@@ -10,6 +10,7 @@ use rumqttd::protocol::{
 use super::acl;
 use super::framing::Codec;
 use super::End;
+use crate::rumqttd_quirks;
 
 /// The keep-alive rumqttd is told for a client that turned keep-alive off (0 seconds): rumqttd
 /// 0.20 refuses 0, which MQTT allows (3.1.1 §3.1.2.10), so the guard asks for this instead and
@@ -57,9 +58,9 @@ pub fn vet(packet: Packet, credentials: bool) -> Result<Admitted, Refused> {
         end,
         client_id: Some(client_id.clone()),
     };
-    // rumqttd refuses these only after registering the client, which can break its listener
-    // (upstream issue #1062); refuse them here instead.
-    if client_id.contains(['/', '+', '#', '$']) || client_id.contains(char::is_control) {
+    if rumqttd_quirks::client_id::refused_late_by_rumqttd(&client_id)
+        || client_id.contains(char::is_control)
+    {
         return Err(refuse(
             ConnectReturnCode::ClientIdentifierNotValid,
             End::Refused("client id contains '/', '+', '#', '$' or a control character".into()),

@@ -5,20 +5,24 @@ use std::time::Duration;
 
 use rumqttc::QoS;
 
+use crate::security::sqlite_url;
 use crate::support::broker::{scrape, TestBroker};
 use crate::support::mariadb::MariaDb;
 use crate::support::{eventually, mqtt};
 
 /// `GET path` → (status code, body).
 async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    exchange(addr, &format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n")).await
+}
+
+/// Sends `request` as it is → (status code, body) of the answer, read until the endpoint
+/// closes the connection.
+async fn exchange(addr: SocketAddr, request: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .expect("metrics endpoint listens");
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     let status = response
@@ -152,4 +156,55 @@ async fn readiness_fails_when_the_database_is_down_and_the_spool_full() {
     );
     broker.stop().await;
     drop(mariadb);
+}
+
+/// What one request may cost the endpoint: a head over 8 KiB is refused, a head that never
+/// ends is closed after 5 s; the bare requests of `scripts/bench` (no Host header) and
+/// HTTP/1.0 clients are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_bounded_in_size_and_time() {
+    use co2_broker::http::{MAX_REQUEST_BYTES, REQUEST_TIMEOUT};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(&sqlite_url(dir.path())).await;
+    let http = broker.setup.http;
+
+    let (status, body) = exchange(http, "GET /metrics HTTP/1.1\r\n\r\n").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("\nco2_spool_batches 0\n"), "{body}");
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    assert_eq!(
+        exchange(http, "GET /healthz HTTP/1.0\r\n\r\n").await,
+        (200, "ok\n".to_owned())
+    );
+    assert_eq!(
+        exchange(http, "POST /metrics HTTP/1.1\r\n\r\n").await.0,
+        405
+    );
+
+    let huge = format!(
+        "GET /metrics HTTP/1.1\r\nx-filler: {}\r\n\r\n",
+        "a".repeat(MAX_REQUEST_BYTES)
+    );
+    assert_eq!(exchange(http, &huge).await.0, 431);
+
+    let mut slow = tokio::net::TcpStream::connect(http).await.unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nhost: te")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(REQUEST_TIMEOUT * 2, slow.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "a head that never ends holds its connection"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= REQUEST_TIMEOUT - Duration::from_millis(500),
+        "closed after {waited:?}"
+    );
+    // The endpoint still serves.
+    assert_eq!(http_get(http, "/healthz").await.0, 200);
+    broker.stop().await;
 }

@@ -1,6 +1,9 @@
 //! In-process ingest counters, shared by every task and read by tests and the metrics endpoint.
 //!
 //! Plain atomics: incrementing must cost nothing on a path that runs 100,000 times a second.
+//! [`exposition`] turns them into the OpenMetrics text of `/metrics` at scrape time.
+
+pub mod exposition;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -57,34 +60,45 @@ pub struct IngestMetrics {
     pub mqtt_connections: AtomicU64,
 }
 
-/// Cumulative histogram in the Prometheus sense.
+/// A histogram over ten fixed upper bounds, lock-free: one atomic increment per observation.
 #[derive(Debug, Default)]
 pub struct Histogram {
-    buckets: [AtomicU64; 10],
-    count: AtomicU64,
+    /// Observations per bucket, not cumulative: `buckets[i]` counts the values above bound
+    /// `i - 1` and at most bound `i`; the last one those above every bound (`+Inf`).
+    buckets: [AtomicU64; 11],
     /// Sum in micro-units (µs for latencies, rows × 10⁶ for sizes) to stay integral.
     sum_micros: AtomicU64,
 }
 
+/// What a [`Histogram`] held at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramSnapshot {
+    /// Observations per bucket, not cumulative; the last is the `+Inf` bucket.
+    pub buckets: [u64; 11],
+    pub sum: f64,
+}
+
+impl HistogramSnapshot {
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+}
+
 impl Histogram {
     fn observe(&self, value: f64, bounds: &[f64; 10]) {
-        for (bucket, bound) in self.buckets.iter().zip(bounds) {
-            if value <= *bound {
-                bucket.fetch_add(1, Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Relaxed);
+        let bucket = bounds
+            .iter()
+            .position(|bound| value <= *bound)
+            .unwrap_or(bounds.len());
+        self.buckets[bucket].fetch_add(1, Relaxed);
         self.sum_micros.fetch_add((value * 1e6) as u64, Relaxed);
     }
 
-    /// (cumulative bucket counts, count, sum)
-    pub fn snapshot(&self) -> ([u64; 10], u64, f64) {
-        let buckets = std::array::from_fn(|i| self.buckets[i].load(Relaxed));
-        (
-            buckets,
-            self.count.load(Relaxed),
-            self.sum_micros.load(Relaxed) as f64 / 1e6,
-        )
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            buckets: std::array::from_fn(|i| self.buckets[i].load(Relaxed)),
+            sum: self.sum_micros.load(Relaxed) as f64 / 1e6,
+        }
     }
 }
 
@@ -115,5 +129,26 @@ impl IngestMetrics {
 
     pub fn batch_rows(&self) -> &Histogram {
         &self.batch_rows
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_observation_lands_in_one_bucket() {
+        let m = IngestMetrics::default();
+        m.observe_batch(1, Duration::from_micros(500)); // ≤ 0.001 s
+        m.observe_batch(7, Duration::from_millis(2)); // exactly on the 0.002 s bound
+        m.observe_batch(5000, Duration::from_secs(9)); // above every bound
+        let latency = m.batch_latency().snapshot();
+        assert_eq!(latency.buckets, [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(latency.count(), 3);
+        assert!((latency.sum - 9.0025).abs() < 1e-9, "{}", latency.sum);
+        let rows = m.batch_rows().snapshot();
+        assert_eq!(rows.buckets, [1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(rows.sum, 5008.0);
+        assert_eq!(IngestMetrics::get(&m.batches), 3);
     }
 }
