@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use co2_proto::{DeviceId, SeqRanges, StorageAck};
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 
 use super::database::{is_conflict, is_unreachable};
 use super::{AckSink, Database, Spool, SpoolError, WriteOutcome};
@@ -46,6 +46,10 @@ pub struct Writer {
     /// time spent most of its life waiting (see the README's benchmark section).
     in_flight: JoinSet<WriteAttempt>,
     max_in_flight: usize,
+    /// The spool's oldest record on its way to the database. Its own task, not awaited in the
+    /// loop: against a database that does not answer, an attempt takes the whole connect
+    /// timeout, and meanwhile new readings must still reach the spool and be acked.
+    replaying: Option<JoinHandle<WriteAttempt>>,
     /// Earliest time to try the database again after a failure.
     next_db_attempt: Instant,
     /// Migrations could not run at start (database unreachable): run them before the first
@@ -54,6 +58,16 @@ pub struct Writer {
     db_failure_log: Throttle,
     /// Spool records that cannot be read or advanced past, however often replay meets them.
     spool_failure_log: Throttle,
+}
+
+/// Waits for the replay in flight; only polled while there is one.
+async fn replay_done(
+    replaying: &mut Option<JoinHandle<WriteAttempt>>,
+) -> Result<WriteAttempt, tokio::task::JoinError> {
+    match replaying {
+        Some(task) => task.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// A finished database write and the batch it carried (spooled if the write failed).
@@ -96,6 +110,7 @@ impl Writer {
             retry_interval: settings.db_retry_interval(),
             in_flight: JoinSet::new(),
             max_in_flight: settings.db_writers,
+            replaying: None,
             next_db_attempt: Instant::now(),
             schema_pending,
             db_failure_log: Throttle::new(Duration::from_secs(10)),
@@ -116,6 +131,7 @@ impl Writer {
         while input_open || !buffer.is_empty() {
             let replay_due = !self.spool.is_empty()
                 && self.in_flight.is_empty()
+                && self.replaying.is_none()
                 && Instant::now() >= self.next_db_attempt;
             let retry_at = tokio::time::Instant::from_std(self.next_db_attempt);
             let room = self.max_rows - buffer.len();
@@ -143,13 +159,22 @@ impl Writer {
                     self.flush(batch).await;
                 }
                 () = std::future::ready(()), if replay_due => {
-                    self.replay_one().await;
+                    self.start_replay();
                 }
-                () = tokio::time::sleep_until(retry_at), if !self.spool.is_empty() && !replay_due => {}
+                done = replay_done(&mut self.replaying), if self.replaying.is_some() => {
+                    self.replaying = None;
+                    self.finish_replay(done).await;
+                }
+                () = tokio::time::sleep_until(retry_at), if !self.spool.is_empty() && !replay_due && self.replaying.is_none() => {}
             }
         }
         while let Some(done) = self.in_flight.join_next().await {
             self.finish(done).await;
+        }
+        if self.replaying.is_some() {
+            let done = replay_done(&mut self.replaying).await;
+            self.replaying = None;
+            self.finish_replay(done).await;
         }
         let deadline = Instant::now() + grace;
         while !self.spool.is_empty() && Instant::now() < deadline && self.replay_one().await {}
@@ -358,28 +383,55 @@ impl Writer {
         }
     }
 
-    /// Replays the oldest spooled batch (or skips it if it cannot be decoded). Returns true if
-    /// the spool moved on.
+    /// Replays the spool's oldest record and waits for it (at shutdown). Returns whether the
+    /// spool moved on.
     async fn replay_one(&mut self) -> bool {
+        let before = self.spool.pending_records();
+        self.start_replay();
+        if self.replaying.is_some() {
+            let done = replay_done(&mut self.replaying).await;
+            self.replaying = None;
+            self.finish_replay(done).await;
+        }
+        self.spool.pending_records() < before
+    }
+
+    /// Sends the spool's oldest record to the database in its own task (see `replaying`), or
+    /// skips it if it cannot be read.
+    fn start_replay(&mut self) {
         let oldest = tokio::task::block_in_place(|| self.spool.oldest());
         let batch = match oldest {
             Ok(Some(batch)) => batch,
-            Ok(None) => return false,
+            Ok(None) => return,
             Err(e @ SpoolError::Decode { .. }) => {
                 // Its bytes cannot become a batch, now or later: skip it rather than block
                 // the spool behind it. If even that fails, `pop_replayed` backs off.
                 if let Some(suppressed) = self.spool_failure_log.ready() {
                     tracing::error!(error = %e, suppressed, "skipping an unreadable spool record; its readings are lost");
                 }
-                return self.pop_replayed();
+                self.pop_replayed();
+                return;
             }
             Err(e) => {
                 // The spool's disk, not the record: nothing is given up, try again later.
                 self.spool_failed(&e, "cannot read the spool; replay paused");
-                return false;
+                return;
             }
         };
-        let done = self.attempt(batch).await;
+        self.replaying = Some(tokio::spawn(self.attempt(batch)));
+    }
+
+    /// Books a finished replay: the record leaves the spool once its rows are stored (or
+    /// salvaged); if the database did not answer, it stays and replay waits a retry interval.
+    async fn finish_replay(&mut self, done: Result<WriteAttempt, tokio::task::JoinError>) {
+        let done = match done {
+            Ok(done) => done,
+            Err(e) => {
+                // A panic inside SeaORM/sqlx: the record stays, and is tried again later.
+                self.database_failed(&format!("a replay task failed: {e}"));
+                return;
+            }
+        };
         let (batch, outcome) = match done.result {
             Ok(outcome) => {
                 self.database_succeeded(done.batch.len(), done.elapsed);
@@ -390,15 +442,16 @@ impl Writer {
                 // again behind the rest): either way this record is done.
                 IngestMetrics::add(&self.metrics.replayed, done.batch.len());
                 self.salvage(done.batch, &failure.message).await;
-                return self.pop_replayed();
+                self.pop_replayed();
+                return;
             }
             Err(failure) => {
                 self.database_failed(&failure.message);
-                return false;
+                return;
             }
         };
         self.count_written(&batch, outcome, true);
-        self.pop_replayed()
+        self.pop_replayed();
     }
 
     /// Moves the spool past the record just replayed (or skipped). Returns false, having
@@ -706,6 +759,40 @@ mod tests {
         assert_eq!(metrics.stored.load(Relaxed), 6);
         assert_eq!(metrics.spooled.load(Relaxed), 0);
         assert_eq!(metrics.database_up.load(Relaxed), 1);
+    }
+
+    /// A replay against a database that does not answer takes the whole write timeout; the
+    /// loop must not wait for it (it did: the spool then filled at a few batches per timeout,
+    /// and readings backed up into the MQTT link).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readings_reach_the_spool_while_a_replay_waits_for_the_database() {
+        let settings = IngestSettings {
+            db_write_timeout_ms: 3_000,
+            db_retry_interval_ms: 10,
+            ..settings()
+        };
+        let mut fx = Fixture::start(settings, &[]).await;
+        let lock = lock(&fx.url).await;
+        fx.send((1..=3).map(|s| reading("pi-1", s))).await;
+        fx.acks_for(3).await; // spooled after one write timeout
+                              // The next replay is under way now, and waits its 3 s for the lock.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = Instant::now();
+        fx.send((4..=30).map(|s| reading("pi-1", s))).await;
+        let acks = fx.acks_for(27).await;
+        let waited = started.elapsed();
+        assert!(acks.iter().all(|a| a.in_database.is_empty()), "{acks:?}");
+        assert!(
+            waited < Duration::from_secs(2),
+            "readings waited {waited:?} behind a replay"
+        );
+        unlock(lock).await;
+        let db = fx.db.clone();
+        until("the spool replayed into the database", async || {
+            stored_seqs(&db, "pi-1").await == (1..=30).collect()
+        })
+        .await;
+        fx.stop().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
