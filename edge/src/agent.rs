@@ -14,6 +14,7 @@ use rumqttc::{AsyncClient, Event, EventLoop, Incoming, Outgoing, QoS, Request};
 use tokio::sync::mpsc;
 use tokio::time;
 
+use crate::brokers::BrokerRotation;
 use crate::clock::SystemClock;
 use crate::config::{PayloadFormat, Settings};
 use crate::filter::SampleFilter;
@@ -119,15 +120,27 @@ pub async fn run(
         source = source.name(),
         interval = ?settings.interval(),
         format = ?settings.raw.publish.format,
-        broker = %format!("{}:{}", settings.raw.mqtt.host, settings.raw.mqtt.port),
+        brokers = %settings.brokers.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
         tls = settings.raw.mqtt.tls.enabled,
         "co2-edge starting"
     );
 
-    let options = connection::mqtt_options(&settings).context("configuring the MQTT connection")?;
+    // One set of options per broker, built once (TLS files are read here, not at failover).
+    let broker_options = settings
+        .brokers
+        .iter()
+        .map(|broker| {
+            connection::mqtt_options(&settings, broker)
+                .with_context(|| format!("configuring the MQTT connection to {broker}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut rotation = BrokerRotation::new(settings.brokers.clone());
     let publish = &settings.raw.publish;
     // Room for one full resend window on top of one still queued.
-    let (client, mut eventloop) = AsyncClient::new(options, 2 * publish.max_in_flight + 8);
+    let (client, mut eventloop) = AsyncClient::new(
+        broker_options[rotation.index()].clone(),
+        2 * publish.max_in_flight + 8,
+    );
     let readings_topic = device.readings_topic();
     let ack_topic = device.ack_topic();
     let format = publish.format;
@@ -181,18 +194,28 @@ pub async fn run(
                 poll_after = None;
                 match event {
                     Ok(event) => {
-                        failures = 0;
+                        if matches!(event, Event::Incoming(Incoming::ConnAck(_))) {
+                            failures = 0;
+                            rotation.on_connected();
+                        }
                         handle_event(event, &mut eventloop, &client, &ack_topic, format, &mut delivery, &mut outbox)
                     }
                     Err(e) => {
                         failures += 1;
+                        let broker = rotation.current().clone();
                         if delivery.is_connected() {
-                            tracing::warn!(pending = outbox.pending_len(), "MQTT connection lost: {e}");
-                        } else if failures == 1 || failures % 30 == 0 {
-                            tracing::warn!(failures, "cannot connect to the broker: {e}");
+                            tracing::warn!(%broker, pending = outbox.pending_len(), "MQTT connection lost: {e}");
+                        } else if failures <= rotation.len() as u64 || failures % 30 == 0 {
+                            tracing::warn!(%broker, failures, "cannot connect to the broker: {e}");
                         }
                         delivery.on_disconnected();
-                        poll_after = Some(time::Instant::now() + reconnect_delay);
+                        // Failover: the next attempt goes to the next broker of the list.
+                        let wait = rotation.on_failure(reconnect_delay);
+                        if rotation.len() > 1 {
+                            eventloop.mqtt_options = broker_options[rotation.index()].clone();
+                            tracing::info!(from = %broker, to = %rotation.current(), ?wait, "failing over to the next broker");
+                        }
+                        poll_after = Some(time::Instant::now() + wait);
                         Ok(())
                     }
                 }
@@ -279,7 +302,9 @@ fn handle_event(
                     .context("subscribing to the storage acks")?;
             }
             delivery.on_connected();
+            let (host, port) = eventloop.mqtt_options.broker_address();
             tracing::info!(
+                broker = %format!("{host}:{port}"),
                 session_present = connack.session_present,
                 backlog = outbox.pending_len(),
                 first_pending = outbox.first_pending(),

@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod db;
+pub mod edge;
 pub mod mariadb;
 pub mod mqtt;
 
