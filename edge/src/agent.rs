@@ -177,21 +177,26 @@ pub async fn run(
     tokio::pin!(shutdown_signal);
 
     let result: anyhow::Result<()> = loop {
+        // rumqttc's connect is not cancel-safe: a poll dropped between sending CONNECT and
+        // reading CONNACK leaves a half-open connection behind, and the next poll opens
+        // another with the same client id. The broker then sees two or three CONNECTs in a
+        // few milliseconds, kicks the earlier ones ("Duplicate client_id") and may close the
+        // last too. So while a connection is being set up, only shutdown may interrupt it;
+        // readings wait in their channel (the sampler waits when it is full).
+        let connecting = poll_after.is_none() && !delivery.is_connected();
         let step: anyhow::Result<()> = tokio::select! {
             _ = &mut shutdown_signal => break Ok(()),
-            reading = readings_rx.recv() => match reading {
+            reading = readings_rx.recv(), if !connecting => match reading {
                 Some(reading) => outbox.append(&reading).map(|seq| {
                     tracing::debug!(seq, ppm = reading.co2_ppm, pending = outbox.pending_len(), "reading stored");
                 }).map_err(Into::into),
                 None => break Err(anyhow::anyhow!("the sampler stopped")),
             },
-            event = async {
-                if let Some(at) = poll_after {
-                    time::sleep_until(at).await;
-                }
-                eventloop.poll().await
-            } => {
+            () = time::sleep_until(poll_after.unwrap_or_else(time::Instant::now)), if poll_after.is_some() => {
                 poll_after = None;
+                Ok(())
+            },
+            event = eventloop.poll(), if poll_after.is_none() => {
                 match event {
                     Ok(event) => {
                         if matches!(event, Event::Incoming(Incoming::ConnAck(_))) {
@@ -220,7 +225,7 @@ pub async fn run(
                     }
                 }
             },
-            _ = ticker.tick() => {
+            _ = ticker.tick(), if !connecting => {
                 let now = Instant::now();
                 if let Some(seq) = delivery.check_ack_timeout(now) {
                     tracing::warn!(

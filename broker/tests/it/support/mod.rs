@@ -4,6 +4,7 @@
 pub mod broker;
 pub mod db;
 pub mod edge;
+pub mod galera;
 pub mod mariadb;
 pub mod mqtt;
 
