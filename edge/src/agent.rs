@@ -208,9 +208,11 @@ pub async fn run(
                     Err(e) => {
                         failures += 1;
                         let broker = rotation.current().clone();
+                        // While every broker stays away, one line per broker, then one in 30.
+                        let log = delivery.is_connected() || failures <= rotation.len() as u64 || failures % 30 == 0;
                         if delivery.is_connected() {
                             tracing::warn!(%broker, pending = outbox.pending_len(), "MQTT connection lost: {e}");
-                        } else if failures <= rotation.len() as u64 || failures % 30 == 0 {
+                        } else if log {
                             tracing::warn!(%broker, failures, "cannot connect to the broker: {e}");
                         }
                         delivery.on_disconnected();
@@ -218,7 +220,9 @@ pub async fn run(
                         let wait = rotation.on_failure(reconnect_delay);
                         if rotation.len() > 1 {
                             eventloop.mqtt_options = broker_options[rotation.index()].clone();
-                            tracing::info!(from = %broker, to = %rotation.current(), ?wait, "failing over to the next broker");
+                            if log {
+                                tracing::info!(from = %broker, to = %rotation.current(), ?wait, "failing over to the next broker");
+                            }
                         }
                         poll_after = Some(time::Instant::now() + wait);
                         Ok(())
