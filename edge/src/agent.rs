@@ -14,6 +14,7 @@ use rumqttc::{AsyncClient, Event, EventLoop, Incoming, Outgoing, QoS, Request};
 use tokio::sync::mpsc;
 use tokio::time;
 
+use crate::brokers::BrokerRotation;
 use crate::clock::SystemClock;
 use crate::config::{PayloadFormat, Settings};
 use crate::filter::SampleFilter;
@@ -119,15 +120,27 @@ pub async fn run(
         source = source.name(),
         interval = ?settings.interval(),
         format = ?settings.raw.publish.format,
-        broker = %format!("{}:{}", settings.raw.mqtt.host, settings.raw.mqtt.port),
+        brokers = %settings.brokers.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
         tls = settings.raw.mqtt.tls.enabled,
         "co2-edge starting"
     );
 
-    let options = connection::mqtt_options(&settings).context("configuring the MQTT connection")?;
+    // One set of options per broker, built once (TLS files are read here, not at failover).
+    let broker_options = settings
+        .brokers
+        .iter()
+        .map(|broker| {
+            connection::mqtt_options(&settings, broker)
+                .with_context(|| format!("configuring the MQTT connection to {broker}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut rotation = BrokerRotation::new(settings.brokers.clone());
     let publish = &settings.raw.publish;
     // Room for one full resend window on top of one still queued.
-    let (client, mut eventloop) = AsyncClient::new(options, 2 * publish.max_in_flight + 8);
+    let (client, mut eventloop) = AsyncClient::new(
+        broker_options[rotation.index()].clone(),
+        2 * publish.max_in_flight + 8,
+    );
     let readings_topic = device.readings_topic();
     let ack_topic = device.ack_topic();
     let format = publish.format;
@@ -164,40 +177,59 @@ pub async fn run(
     tokio::pin!(shutdown_signal);
 
     let result: anyhow::Result<()> = loop {
+        // rumqttc's connect is not cancel-safe: a poll dropped between sending CONNECT and
+        // reading CONNACK leaves a half-open connection behind, and the next poll opens
+        // another with the same client id. The broker then sees two or three CONNECTs in a
+        // few milliseconds, kicks the earlier ones ("Duplicate client_id") and may close the
+        // last too. So while a connection is being set up, only shutdown may interrupt it;
+        // readings wait in their channel (the sampler waits when it is full).
+        let connecting = poll_after.is_none() && !delivery.is_connected();
         let step: anyhow::Result<()> = tokio::select! {
             _ = &mut shutdown_signal => break Ok(()),
-            reading = readings_rx.recv() => match reading {
+            reading = readings_rx.recv(), if !connecting => match reading {
                 Some(reading) => outbox.append(&reading).map(|seq| {
                     tracing::debug!(seq, ppm = reading.co2_ppm, pending = outbox.pending_len(), "reading stored");
                 }).map_err(Into::into),
                 None => break Err(anyhow::anyhow!("the sampler stopped")),
             },
-            event = async {
-                if let Some(at) = poll_after {
-                    time::sleep_until(at).await;
-                }
-                eventloop.poll().await
-            } => {
+            () = time::sleep_until(poll_after.unwrap_or_else(time::Instant::now)), if poll_after.is_some() => {
                 poll_after = None;
+                Ok(())
+            },
+            event = eventloop.poll(), if poll_after.is_none() => {
                 match event {
                     Ok(event) => {
-                        failures = 0;
+                        if matches!(event, Event::Incoming(Incoming::ConnAck(_))) {
+                            failures = 0;
+                            rotation.on_connected();
+                        }
                         handle_event(event, &mut eventloop, &client, &ack_topic, format, &mut delivery, &mut outbox)
                     }
                     Err(e) => {
                         failures += 1;
+                        let broker = rotation.current().clone();
+                        // While every broker stays away, one line per broker, then one in 30.
+                        let log = delivery.is_connected() || failures <= rotation.len() as u64 || failures % 30 == 0;
                         if delivery.is_connected() {
-                            tracing::warn!(pending = outbox.pending_len(), "MQTT connection lost: {e}");
-                        } else if failures == 1 || failures % 30 == 0 {
-                            tracing::warn!(failures, "cannot connect to the broker: {e}");
+                            tracing::warn!(%broker, pending = outbox.pending_len(), "MQTT connection lost: {e}");
+                        } else if log {
+                            tracing::warn!(%broker, failures, "cannot connect to the broker: {e}");
                         }
                         delivery.on_disconnected();
-                        poll_after = Some(time::Instant::now() + reconnect_delay);
+                        // Failover: the next attempt goes to the next broker of the list.
+                        let wait = rotation.on_failure(reconnect_delay);
+                        if rotation.len() > 1 {
+                            eventloop.mqtt_options = broker_options[rotation.index()].clone();
+                            if log {
+                                tracing::info!(from = %broker, to = %rotation.current(), ?wait, "failing over to the next broker");
+                            }
+                        }
+                        poll_after = Some(time::Instant::now() + wait);
                         Ok(())
                     }
                 }
             },
-            _ = ticker.tick() => {
+            _ = ticker.tick(), if !connecting => {
                 let now = Instant::now();
                 if let Some(seq) = delivery.check_ack_timeout(now) {
                     tracing::warn!(
@@ -279,7 +311,9 @@ fn handle_event(
                     .context("subscribing to the storage acks")?;
             }
             delivery.on_connected();
+            let (host, port) = eventloop.mqtt_options.broker_address();
             tracing::info!(
+                broker = %format!("{host}:{port}"),
                 session_present = connack.session_present,
                 backlog = outbox.pending_len(),
                 first_pending = outbox.first_pending(),

@@ -12,6 +12,8 @@ use chrono::FixedOffset;
 use co2_proto::DeviceId;
 use serde::Deserialize;
 
+use crate::brokers::BrokerAddress;
+
 /// Prefix of environment overrides: `CO2_EDGE__MQTT__HOST=broker.lan`.
 pub const ENV_PREFIX: &str = "CO2_EDGE";
 
@@ -200,9 +202,14 @@ impl fmt::Debug for Secret {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MqttConfig {
+    /// The broker, when there is one; ignored when `brokers` is set.
     pub host: String,
-    /// 1883, or 8883 with TLS.
+    /// 1883, or 8883 with TLS; also the port of `brokers` entries that name none.
     pub port: u16,
+    /// Several brokers writing to one database cluster, `"host[:port]"` each: the agent uses
+    /// the first and fails over to the next when a connection fails (see [`crate::brokers`]).
+    /// Wins over `host`/`port`.
+    pub brokers: Vec<String>,
     /// Defaults to the device id; with a persistent session it must stay stable.
     pub client_id: Option<String>,
     pub username: Option<String>,
@@ -218,6 +225,7 @@ impl Default for MqttConfig {
         Self {
             host: "localhost".into(),
             port: 1883,
+            brokers: Vec::new(),
             client_id: None,
             username: None,
             password: None,
@@ -357,6 +365,8 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub device_id: DeviceId,
+    /// `mqtt.brokers`, or the one `mqtt.host:port`; never empty.
+    pub brokers: Vec<BrokerAddress>,
     pub raw: Config,
     pub legacy_offset: FixedOffset,
 }
@@ -384,6 +394,7 @@ pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Settings, Conf
             .separator("__")
             .list_separator(" ")
             .with_list_parse_key("sensor.command.args")
+            .with_list_parse_key("mqtt.brokers")
             .try_parsing(true),
     );
     if let Some(v) = &overrides.device_id {
@@ -417,7 +428,11 @@ pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Settings, Conf
     if let Some(v) = &overrides.log {
         builder = builder.set_override("log", v.as_str())?;
     }
-    let raw: Config = builder.build()?.try_deserialize()?;
+    let mut raw: Config = builder.build()?.try_deserialize()?;
+    if overrides.broker.is_some() {
+        // `--broker` names the one broker to use, whatever list the file has.
+        raw.mqtt.brokers.clear();
+    }
     validate(raw)
 }
 
@@ -478,9 +493,22 @@ fn validate(raw: Config) -> Result<Settings, ConfigError> {
     if raw.mqtt.keep_alive_secs < 5 {
         return Err(invalid("mqtt.keep_alive_secs", "must be >= 5"));
     }
-    if raw.mqtt.host.is_empty() {
-        return Err(invalid("mqtt.host", "must not be empty"));
-    }
+    let brokers = if raw.mqtt.brokers.is_empty() {
+        if raw.mqtt.host.is_empty() {
+            return Err(invalid("mqtt.host", "must not be empty"));
+        }
+        vec![BrokerAddress {
+            host: raw.mqtt.host.clone(),
+            port: raw.mqtt.port,
+        }]
+    } else {
+        raw.mqtt
+            .brokers
+            .iter()
+            .map(|b| BrokerAddress::parse(b, raw.mqtt.port))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid("mqtt.brokers", e))?
+    };
     if raw.mqtt.password.is_some() && raw.mqtt.username.is_none() {
         return Err(invalid(
             "mqtt.username",
@@ -509,6 +537,7 @@ fn validate(raw: Config) -> Result<Settings, ConfigError> {
     }
     Ok(Settings {
         device_id,
+        brokers,
         raw,
         legacy_offset,
     })
@@ -562,6 +591,44 @@ mod tests {
         );
         assert_eq!(s.raw.sensor.kind, SensorKind::Simulated);
         assert_eq!(s.interval(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_broker_list_or_the_single_host() {
+        let single = load_text(
+            "device_id = \"a\"\n[mqtt]\nhost = \"b.lan\"\nport = 1884",
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            single.brokers,
+            [BrokerAddress {
+                host: "b.lan".into(),
+                port: 1884
+            }]
+        );
+        let text = "device_id = \"a\"\n[mqtt]\nport = 8883\nbrokers = [\"b1.lan\", \"b2.lan:1884\", \"[::1]\"]";
+        let listed = load_text(text, &Overrides::default()).unwrap();
+        let names: Vec<String> = listed.brokers.iter().map(ToString::to_string).collect();
+        assert_eq!(names, ["b1.lan:8883", "b2.lan:1884", "[::1]:8883"]);
+        // `--broker` names the one broker, whatever the file lists.
+        let overrides = Overrides {
+            broker: Some("10.0.0.9:1999".into()),
+            ..Overrides::default()
+        };
+        let one = load_text(text, &overrides).unwrap();
+        let names: Vec<String> = one.brokers.iter().map(ToString::to_string).collect();
+        assert_eq!(names, ["10.0.0.9:1999"]);
+        let err = load_text(
+            "device_id = \"a\"\n[mqtt]\nbrokers = [\"b1.lan\", \"b2:x\"]",
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`mqtt.brokers`") && err.contains("b2:x"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
 
+use crate::brokers::BrokerAddress;
 use crate::config::{MqttConfig, Settings, TlsConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -93,16 +94,19 @@ pub fn tls_client_config(tls: &TlsConfig) -> Result<ClientConfig, TlsSetupError>
     })
 }
 
-/// rumqttc options: client id = device id unless configured, persistent session (harmless,
-/// since correctness never depends on it: the outbox resends anyway), rumqttc's in-flight
-/// window matched to ours.
-pub fn mqtt_options(settings: &Settings) -> Result<MqttOptions, TlsSetupError> {
+/// rumqttc options for `broker`: client id = device id unless configured, persistent session
+/// (harmless, since correctness never depends on it: the outbox resends anyway), rumqttc's
+/// in-flight window matched to ours.
+pub fn mqtt_options(
+    settings: &Settings,
+    broker: &BrokerAddress,
+) -> Result<MqttOptions, TlsSetupError> {
     let mqtt: &MqttConfig = &settings.raw.mqtt;
     let client_id = mqtt
         .client_id
         .clone()
         .unwrap_or_else(|| settings.device_id.as_str().to_string());
-    let mut options = MqttOptions::new(client_id, mqtt.host.clone(), mqtt.port);
+    let mut options = MqttOptions::new(client_id, broker.host.clone(), broker.port);
     options.set_keep_alive(Duration::from_secs(mqtt.keep_alive_secs));
     options.set_clean_session(false);
     let window = settings

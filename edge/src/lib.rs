@@ -6,6 +6,7 @@
 //! broker. [`agent`] wires the pieces together and owns shutdown.
 
 pub mod agent;
+pub mod brokers;
 pub mod cli;
 pub mod clock;
 pub mod config;

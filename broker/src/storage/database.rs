@@ -32,8 +32,25 @@ fn sqlx_error(error: &DbErr) -> Option<&sea_orm::sqlx::Error> {
     }
 }
 
-/// True when `error` means the database cannot be reached (down, restarting, network), as
-/// opposed to refusing what was asked (bad credentials, SQL errors).
+/// MariaDB Galera's answer to every statement while a node is not part of the cluster's
+/// primary component (still joining, partitioned away, or `wsrep_reject_queries` set for
+/// maintenance): 1047, "WSREP has not yet prepared node for application use". It says the
+/// cluster is away from this node, nothing about the rows: the batch is spooled and replayed
+/// once the node has rejoined, never recorded as refused.
+const WSREP_NOT_READY: u16 = 1047;
+
+/// The MySQL/MariaDB error number of `error`, if the server answered with one.
+fn mysql_error_number(error: &DbErr) -> Option<u16> {
+    use sea_orm::sqlx::mysql::MySqlDatabaseError;
+    sqlx_error(error)
+        .and_then(|e| e.as_database_error())
+        .and_then(|e| e.try_downcast_ref::<MySqlDatabaseError>())
+        .map(MySqlDatabaseError::number)
+}
+
+/// True when `error` means the database cannot be reached (down, restarting, network, or a
+/// Galera node outside the primary component), as opposed to refusing what was asked (bad
+/// credentials, SQL errors).
 pub fn is_unreachable(error: &DbErr) -> bool {
     use sea_orm::sqlx::Error as Sqlx;
     matches!(error, DbErr::ConnectionAcquire(_))
@@ -47,20 +64,22 @@ pub fn is_unreachable(error: &DbErr) -> bool {
                     | Sqlx::Protocol(_)
             )
         })
+        || mysql_error_number(error) == Some(WSREP_NOT_READY)
 }
 
 /// True when `error` is a lock conflict with another transaction, which the database resolved
 /// by rolling this one back: a deadlock (MySQL 1213) or a lock wait timeout (1205), or a busy
 /// or locked SQLite file. Writing the same batch again is the cure; neither the database
-/// being away nor it refusing a row.
+/// being away nor it refusing a row. On MariaDB Galera a write set that lost certification
+/// against another node's (the same row written on two nodes at once) is rolled back with
+/// the same 1213, at COMMIT, and is cured the same way.
 pub fn is_conflict(error: &DbErr) -> bool {
-    use sea_orm::sqlx::mysql::MySqlDatabaseError;
+    if let Some(number) = mysql_error_number(error) {
+        return matches!(number, 1205 | 1213);
+    }
     let Some(database) = sqlx_error(error).and_then(|e| e.as_database_error()) else {
         return false;
     };
-    if let Some(mysql) = database.try_downcast_ref::<MySqlDatabaseError>() {
-        return matches!(mysql.number(), 1205 | 1213);
-    }
     // SQLite: SQLITE_BUSY (5) and SQLITE_LOCKED (6), in their extended forms too.
     database
         .code()

@@ -5,6 +5,7 @@ mod burst;
 mod config;
 mod edge;
 mod faults;
+mod galera;
 mod grafana;
 mod hostile;
 mod ingest;

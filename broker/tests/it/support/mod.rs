@@ -3,6 +3,8 @@
 
 pub mod broker;
 pub mod db;
+pub mod edge;
+pub mod galera;
 pub mod mariadb;
 pub mod mqtt;
 
