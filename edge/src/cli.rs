@@ -29,7 +29,7 @@ pub struct Args {
     /// Overrides data_dir (the outbox lives in <DIR>/outbox)
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
-    /// Overrides mqtt.host / mqtt.port
+    /// The one broker to use: replaces mqtt.brokers (or mqtt.host / mqtt.port)
     #[arg(long, value_name = "HOST[:PORT]")]
     broker: Option<String>,
     /// Overrides sensor.kind (mhz19, senseair_s8, scd4x, simulated, command)

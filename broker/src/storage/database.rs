@@ -39,6 +39,15 @@ fn sqlx_error(error: &DbErr) -> Option<&sea_orm::sqlx::Error> {
 /// once the node has rejoined, never recorded as refused.
 const WSREP_NOT_READY: u16 = 1047;
 
+/// Answers that end a statement for reasons outside it, so they say nothing about its rows:
+/// the server is shutting down (1053, a graceful restart), the statement or its connection was
+/// killed (1317 `KILL QUERY`, 1927 `KILL CONNECTION`, as a DBA or a proxy does). Taken as
+/// "database away": the batch is spooled and replayed, not salvaged row by row (which would
+/// record good rows as refused).
+const SERVER_SHUTDOWN: u16 = 1053;
+const QUERY_INTERRUPTED: u16 = 1317;
+const CONNECTION_KILLED: u16 = 1927;
+
 /// The MySQL/MariaDB error number of `error`, if the server answered with one.
 fn mysql_error_number(error: &DbErr) -> Option<u16> {
     use sea_orm::sqlx::mysql::MySqlDatabaseError;
@@ -64,7 +73,10 @@ pub fn is_unreachable(error: &DbErr) -> bool {
                     | Sqlx::Protocol(_)
             )
         })
-        || mysql_error_number(error) == Some(WSREP_NOT_READY)
+        || matches!(
+            mysql_error_number(error),
+            Some(WSREP_NOT_READY | SERVER_SHUTDOWN | QUERY_INTERRUPTED | CONNECTION_KILLED)
+        )
 }
 
 /// True when `error` is a lock conflict with another transaction, which the database resolved

@@ -1,6 +1,7 @@
 //! Real faults, injected for real: the database SIGKILLed mid-stream, the broker SIGTERMed or
 //! SIGKILLed with readings in its spool, a corrupt spool record and a torn tail, bad payloads
-//! among good ones, a value the database refuses, a deadlock the broker's write loses.
+//! among good ones, a value the database refuses, a deadlock the broker's write loses, writes
+//! killed by `KILL QUERY` / `KILL CONNECTION`.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering::Relaxed;
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use co2_broker::ingest::Batch;
 use rumqttc::QoS;
-use sea_orm::{ConnectionTrait, Statement};
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
 
 use crate::support::broker::{config_file, scrape, BrokerProcess, BrokerSetup, TestBroker};
 use crate::support::mariadb::MariaDb;
@@ -55,6 +56,85 @@ async fn wait_for_metric(setup: &BrokerSetup, name: &str, expected: f64) {
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.expect("blocking task")
+}
+
+/// What a DBA (or a proxy) does to the broker's connections mid-write: `KILL QUERY` and
+/// `KILL CONNECTION`. MariaDB then answers 1317 or 1927, which say nothing about the rows:
+/// nothing may be recorded as refused, nothing lost, nothing stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_killed_mid_write_lose_nothing_and_refuse_nothing() {
+    let mariadb = MariaDb::shared();
+    let url = mariadb.create_database("connkill").await;
+    let database = url.rsplit('/').next().unwrap().to_owned();
+    let broker = TestBroker::start(&url).await;
+    const N: u64 = 6_000;
+    // Every 500th reading makes its write linger, so the killer finds writes running.
+    db::connect(&url)
+        .await
+        .execute_unprepared(
+            "CREATE TRIGGER linger BEFORE INSERT ON co2_emissions FOR EACH ROW \
+             IF NEW.seq % 500 = 0 THEN DO SLEEP(0.3); END IF",
+        )
+        .await
+        .expect("CREATE TRIGGER");
+
+    let admin = mariadb.connect("").await;
+    // Kills 6 lingering writes (or gives up after 30 s), then lets the broker catch up.
+    const KILLS: u32 = 6;
+    let killer = tokio::spawn(async move {
+        let mut kills = 0u32;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while kills < KILLS && tokio::time::Instant::now() < deadline {
+            let lingering = admin
+                .query_all_raw(Statement::from_sql_and_values(
+                    DbBackend::MySql,
+                    "SELECT ID FROM information_schema.PROCESSLIST \
+                     WHERE DB = ? AND ID <> CONNECTION_ID() AND COMMAND IN ('Query', 'Execute') AND TIME_MS > 100",
+                    [database.clone().into()],
+                ))
+                .await
+                .unwrap();
+            for row in lingering {
+                let id: i64 = row.try_get_by_index(0).unwrap();
+                let how = if kills % 2 == 0 {
+                    "QUERY"
+                } else {
+                    "CONNECTION"
+                };
+                // The statement may have ended meanwhile: "unknown thread" is fine.
+                if admin
+                    .execute_unprepared(&format!("KILL {how} {id}"))
+                    .await
+                    .is_ok()
+                {
+                    kills += 1;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        kills
+    });
+    for part in 0..3 {
+        mqtt::publish_all(
+            broker.setup.v4,
+            format!("pi-connkill-{part}"),
+            QoS::AtLeastOnce,
+            readings("pi-connkill", part * N / 3, N / 3),
+        )
+        .await;
+    }
+    let kills = killer.await.unwrap();
+    assert_eq!(kills, KILLS, "only {kills} writes were caught running");
+
+    wait_for_rows(&url, N, Duration::from_secs(60)).await;
+    assert_eq!(stored_identities(&url).await, (N as usize, N));
+    let conn = db::connect(&url).await;
+    assert_eq!(
+        db::rejections(&conn).await,
+        vec![],
+        "good rows recorded as refused"
+    );
+    broker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
