@@ -17,6 +17,7 @@ use sea_orm::{
 
 use super::devices::{self, DeviceActivity};
 use super::entities::rejected_messages;
+use super::rollups;
 use crate::ingest::{Batch, Reading, Rejection};
 use crate::settings::DatabaseUrl;
 
@@ -124,7 +125,7 @@ impl Database {
     }
 
     /// Writes every reading and rejection of `batch` in one transaction, with the `devices`
-    /// rows that are due (see [`super::devices`]).
+    /// rows that are due (see [`super::devices`]) and the rollups (see [`super::rollups`]).
     pub async fn write(&self, batch: &Batch) -> Result<WriteOutcome, DbErr> {
         let txn = self.conn.begin().await?;
         let stored = match self.insert_readings(&batch.readings) {
@@ -134,12 +135,14 @@ impl Database {
         if let Some(stmt) = self.insert_rejections(&batch.rejections) {
             txn.execute_raw(stmt).await?;
         }
-        // Last, so the device rows stay locked for as short a time as possible.
+        // Last, so the device and rollup rows (which every concurrent batch may want) stay
+        // locked for as short a time as possible.
         let seen = self.activity.due(&batch.readings);
         if !seen.is_empty() {
             txn.execute_raw(devices::upsert(self.backend(), &seen))
                 .await?;
         }
+        rollups::maintain(&txn, &batch.readings, stored).await?;
         txn.commit().await?;
         self.activity.written(seen);
         Ok(WriteOutcome {

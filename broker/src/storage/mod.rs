@@ -4,6 +4,7 @@
 pub mod database;
 pub mod devices;
 pub mod entities;
+pub mod rollups;
 pub mod spool;
 pub mod writer;
 

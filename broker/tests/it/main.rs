@@ -11,6 +11,7 @@ mod ingest;
 mod legacy;
 mod metrics;
 mod recovery;
+mod rollups;
 mod schema;
 mod security;
 mod support;
