@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod passwd;
 pub mod per_address;
+pub mod rollups_cli;
 pub mod settings;
 pub mod storage;
 pub mod throttle;

@@ -1,5 +1,7 @@
 //! `co2-broker [--config PATH]`: parse arguments, load settings, run until SIGINT/SIGTERM.
 //! `co2-broker [--config PATH] passwd ...`: manage device credentials ([`co2_broker::passwd`]).
+//! `co2-broker [--config PATH] rollups rebuild ...`: recompute rollups
+//! ([`co2_broker::rollups_cli`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,22 +9,29 @@ use std::sync::Arc;
 
 use co2_broker::metrics::IngestMetrics;
 use co2_broker::passwd::PasswdArgs;
+use co2_broker::rollups_cli::RollupsArgs;
 use co2_broker::settings::{Settings, DEFAULT_CONFIG_PATH};
 
 const USAGE: &str = "usage: co2-broker [--config PATH]   (default: $CO2_CONFIG or rumqttd.toml)";
 
 fn main() -> ExitCode {
     init_tracing();
-    let (path, passwd) = match parse_args(std::env::args().skip(1)) {
+    let (path, command) = match parse_args(std::env::args().skip(1)) {
         Ok(parsed) => parsed,
         Err(message) => {
-            eprintln!("{message}\n{USAGE}\n{}", co2_broker::passwd::USAGE);
+            eprintln!(
+                "{message}\n{USAGE}\n{}\n{}",
+                co2_broker::passwd::USAGE,
+                co2_broker::rollups_cli::USAGE
+            );
             return ExitCode::from(2);
         }
     };
-    if let Some(passwd) = passwd {
-        return run_passwd(&path, &passwd);
-    }
+    let rollups = match command {
+        Command::Serve => None,
+        Command::Passwd(passwd) => return run_passwd(&path, &passwd),
+        Command::Rollups(rollups) => Some(rollups),
+    };
     let settings = match Settings::load(&path, std::env::vars()) {
         Ok(settings) => settings,
         Err(e) => {
@@ -43,6 +52,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(rollups) = rollups {
+        return match runtime.block_on(co2_broker::rollups_cli::run(&settings.ingest, &rollups)) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("co2-broker rollups: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let metrics = Arc::new(IngestMetrics::default());
     match runtime.block_on(co2_broker::run(settings, metrics, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
@@ -54,8 +75,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// The config path, and the `passwd` subcommand if one was given.
-fn parse_args(args: impl Iterator<Item = String>) -> Result<(PathBuf, Option<PasswdArgs>), String> {
+/// What the command line asks for besides running the broker.
+enum Command {
+    Serve,
+    Passwd(PasswdArgs),
+    Rollups(RollupsArgs),
+}
+
+/// The config path, and the subcommand if one was given.
+fn parse_args(args: impl Iterator<Item = String>) -> Result<(PathBuf, Command), String> {
     let mut path: PathBuf = std::env::var("CO2_CONFIG")
         .unwrap_or_else(|_| DEFAULT_CONFIG_PATH.into())
         .into();
@@ -65,8 +93,9 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<(PathBuf, Option<Pas
         path = args.next().ok_or("--config needs a path")?.into();
     }
     match args.next().as_deref() {
-        None => Ok((path, None)),
-        Some("passwd") => Ok((path, Some(PasswdArgs::parse(args)?))),
+        None => Ok((path, Command::Serve)),
+        Some("passwd") => Ok((path, Command::Passwd(PasswdArgs::parse(args)?))),
+        Some("rollups") => Ok((path, Command::Rollups(RollupsArgs::parse(args)?))),
         Some("--help" | "-h") => Err("co2-broker: MQTT broker that stores CO2 readings".into()),
         Some(other) => Err(format!("unexpected argument {other:?}")),
     }

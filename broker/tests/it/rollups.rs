@@ -443,3 +443,60 @@ async fn rollups_count_a_spool_replay_once() {
     broker.stop().await;
     drop(mariadb);
 }
+
+/// A seed database (the two-column `co2_emissions`) is adopted by the migrations, which leave
+/// the rollups empty; `co2-broker rollups rebuild`, the real binary with a real config file,
+/// fills them from the adopted readings. Its mistakes are named and fail with status 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_command_fills_the_rollups_of_adopted_legacy_readings() {
+    let url = MariaDb::shared().create_database("rollups_cli").await;
+    let conn = db::connect(&url).await;
+    conn.execute_unprepared(
+        "CREATE TABLE co2_emissions (date_time DATETIME, emissions DOUBLE(7,2));
+         INSERT INTO co2_emissions VALUES
+           ('2020-07-13 22:43:23', 3500.00), ('2020-07-13 22:43:53', 3400.50),
+           ('2020-07-13 22:44:10', 3300.25), ('2020-07-14 01:00:00', 700.00),
+           (NULL, 500.00), ('2020-07-14 01:00:30', NULL)",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let setup = crate::support::broker::config_file(dir.path(), &url, "");
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_co2-broker"))
+            .arg("--config")
+            .arg(&setup.config_path)
+            .args(args)
+            .output()
+            .expect("co2-broker runs")
+    };
+
+    let out = run(&[
+        "rollups",
+        "rebuild",
+        "--from",
+        "2020-07-13",
+        "--to",
+        "2020-07-15",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("3 minute rows, 2 hour rows"), "{printed}");
+    assert_rollups_match_readings(&conn, "adopted legacy readings").await;
+    assert_eq!(
+        stored(&conn, Level::Hour).await[&("legacy".to_owned(), at("2020-07-13 22:00:00"))]
+            .readings,
+        3
+    );
+
+    let out = run(&[
+        "rollups",
+        "rebuild",
+        "--from",
+        "2020-07-15",
+        "--to",
+        "2020-07-13",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be before --to"));
+}
