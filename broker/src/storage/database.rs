@@ -5,7 +5,7 @@
 //! `ON CONFLICT DO NOTHING` on SQLite. The affected-row count then tells stored from
 //! duplicate.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use migration::{Migrator, MigratorTrait};
@@ -20,6 +20,7 @@ use super::entities::rejected_messages;
 use super::rollups;
 use crate::ingest::{Batch, Reading, Rejection};
 use crate::settings::DatabaseUrl;
+use crate::throttle::Throttle;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -81,6 +82,8 @@ pub struct WriteOutcome {
 pub struct Database {
     conn: DatabaseConnection,
     activity: Arc<DeviceActivity>,
+    /// Throttles the log of rollup updates the database refused (see [`rollups`]).
+    rollup_failures: Arc<Mutex<Throttle>>,
 }
 
 impl Database {
@@ -109,6 +112,7 @@ impl Database {
         Ok(Self {
             conn,
             activity: Arc::default(),
+            rollup_failures: Arc::new(Mutex::new(Throttle::new(Duration::from_secs(10)))),
         })
     }
 
@@ -142,7 +146,7 @@ impl Database {
             txn.execute_raw(devices::upsert(self.backend(), &seen))
                 .await?;
         }
-        rollups::maintain(&txn, &batch.readings, stored).await?;
+        rollups::maintain_or_log(&txn, &batch.readings, stored, &self.rollup_failures).await?;
         txn.commit().await?;
         self.activity.written(seen);
         Ok(WriteOutcome {

@@ -24,13 +24,16 @@
 //! time range from the readings for those (`co2-broker rollups rebuild`).
 
 use std::collections::BTreeMap;
+use std::sync::Mutex;
 
 use chrono::{DurationRound, NaiveDateTime, TimeDelta};
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, TransactionTrait, Value,
 };
 
+use super::database::{is_conflict, is_unreachable};
 use crate::ingest::Reading;
+use crate::throttle::Throttle;
 
 /// The columns of both rollup tables, in the order every statement here lists them.
 const COLUMNS: &str = "device_id, bucket_start, readings, emissions_sum, emissions_min, \
@@ -206,6 +209,42 @@ pub async fn maintain(
         }
     }
     Ok(())
+}
+
+/// [`maintain`], except that a rollup statement the database refuses (a dropped or altered
+/// rollup table, a trigger) does not cost the readings: they are committed without their
+/// rollups, and the refusal is logged (at most every 10 s) with the command that repairs them.
+/// Rollups are derived and can be rebuilt; refused readings would end up as rejections. Lock
+/// conflicts and a lost connection still fail the write, which is then retried or spooled.
+pub async fn maintain_or_log(
+    txn: &impl ConnectionTrait,
+    readings: &[Reading],
+    stored: u64,
+    failure_log: &Mutex<Throttle>,
+) -> Result<(), DbErr> {
+    match maintain(txn, readings, stored).await {
+        Err(e) if !is_conflict(&e) && !is_unreachable(&e) => {
+            let ready = failure_log.lock().map(|mut log| log.ready());
+            if let Ok(Some(suppressed)) = ready {
+                let (from, to) = readings.iter().fold((None, None), |(lo, hi), r| {
+                    (
+                        Some(lo.map_or(r.measured_at, |t: NaiveDateTime| t.min(r.measured_at))),
+                        Some(hi.map_or(r.measured_at, |t: NaiveDateTime| t.max(r.measured_at))),
+                    )
+                });
+                tracing::error!(
+                    error = %e,
+                    suppressed,
+                    ?from,
+                    ?to,
+                    "the database refused a rollup update; the readings are stored without it. \
+                     Once fixed, run `co2-broker rollups rebuild --from <time> --to <time>` over the affected span"
+                );
+            }
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 /// Adds `buckets` to the rollup rows of `level`, creating the rows that do not exist yet.

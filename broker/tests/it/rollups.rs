@@ -500,3 +500,50 @@ async fn rebuild_command_fills_the_rollups_of_adopted_legacy_readings() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be before --to"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_rollup_update_keeps_the_readings_in_mariadb() {
+    let url = MariaDb::shared().create_database("rollups_refused").await;
+    a_refused_rollup_update_keeps_the_readings(
+        &url,
+        "CREATE TRIGGER refuse_hours BEFORE INSERT ON co2_rollup_hour FOR EACH ROW \
+         SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'refused by policy'",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_rollup_update_keeps_the_readings_in_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/co2.db?mode=rwc", dir.path().display());
+    a_refused_rollup_update_keeps_the_readings(
+        &url,
+        "CREATE TRIGGER refuse_hours BEFORE INSERT ON co2_rollup_hour \
+         BEGIN SELECT RAISE(ABORT, 'refused by policy'); END",
+    )
+    .await;
+}
+
+/// The database refuses the hour rollup (a real trigger, as a policy or an altered table
+/// would): the readings are still stored, not rejected; once the trigger is gone, a rebuild
+/// brings the rollups back in line.
+async fn a_refused_rollup_update_keeps_the_readings(url: &str, trigger: &str) {
+    let db = Database::connect(&DatabaseUrl::new(url), 2).await.unwrap();
+    db.migrate().await.unwrap();
+    let conn = db.connection();
+    conn.execute_unprepared(trigger).await.unwrap();
+    let start = at("2026-12-01 23:40:00");
+    let outcome = write(&db, &batch(readings("pi-r", start, 0..400))).await;
+    assert_eq!((outcome.stored, outcome.duplicates), (400, 0));
+    assert_eq!(db::reading_count(conn).await, 400);
+    assert!(db::rejections(conn).await.is_empty());
+    assert!(stored(conn, Level::Hour).await.is_empty(), "refused");
+
+    conn.execute_unprepared("DROP TRIGGER refuse_hours")
+        .await
+        .unwrap();
+    rollups::rebuild(conn, start, start + TimeDelta::hours(1), None)
+        .await
+        .unwrap();
+    assert_rollups_match_readings(conn, "rebuilt after the refusal").await;
+}
