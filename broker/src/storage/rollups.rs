@@ -381,23 +381,46 @@ pub async fn rebuild(
             start,
             end,
         };
-        let txn = db.begin().await?;
-        let backend = txn.get_database_backend();
-        for level in [Level::Minute, Level::Hour] {
-            txn.execute_raw(delete(backend, level, &span)).await?;
-            let written = txn
-                .execute_raw(recompute(backend, level, std::slice::from_ref(&span)))
-                .await?
-                .rows_affected();
-            match level {
-                Level::Minute => total.minute_rows += written,
-                Level::Hour => total.hour_rows += written,
+        let mut conflicts = 0;
+        let chunk = loop {
+            match rebuild_span(db, &span).await {
+                // The broker's batches lock the same rows in another order; the database
+                // rolled this chunk back, so doing it again is safe.
+                Err(e) if is_conflict(&e) && conflicts < REBUILD_CONFLICT_RETRIES => {
+                    conflicts += 1;
+                    tracing::warn!(error = %e, attempt = conflicts, "rebuilding a day of rollups lost a lock conflict with the broker's writes; doing it again");
+                }
+                done => break done?,
             }
-        }
-        txn.commit().await?;
+        };
+        total.minute_rows += chunk.minute_rows;
+        total.hour_rows += chunk.hour_rows;
         start = end;
     }
     Ok(total)
+}
+
+/// How often a day of [`rebuild`] is done again after losing a lock conflict.
+const REBUILD_CONFLICT_RETRIES: u32 = 5;
+
+/// One transaction of [`rebuild`]: deletes the span's rollup rows and recomputes them.
+async fn rebuild_span(db: &DatabaseConnection, span: &Span) -> Result<Rebuilt, DbErr> {
+    let txn = db.begin().await?;
+    let backend = txn.get_database_backend();
+    let mut rebuilt = Rebuilt::default();
+    for level in [Level::Minute, Level::Hour] {
+        txn.execute_raw(delete(backend, level, span)).await?;
+        let written = txn
+            .execute_raw(recompute(backend, level, std::slice::from_ref(span)))
+            .await?
+            .rows_affected();
+        match level {
+            Level::Minute => rebuilt.minute_rows = written,
+            Level::Hour => rebuilt.hour_rows = written,
+        }
+    }
+    txn.commit().await?;
+    Ok(rebuilt)
 }
 
 fn delete(backend: DbBackend, level: Level, span: &Span) -> Statement {
