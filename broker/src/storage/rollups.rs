@@ -389,6 +389,8 @@ pub async fn rebuild(
                 Err(e) if is_conflict(&e) && conflicts < REBUILD_CONFLICT_RETRIES => {
                     conflicts += 1;
                     tracing::warn!(error = %e, attempt = conflicts, "rebuilding a day of rollups lost a lock conflict with the broker's writes; doing it again");
+                    // Give the batches it collided with time to commit.
+                    tokio::time::sleep(REBUILD_CONFLICT_BACKOFF * conflicts).await;
                 }
                 done => break done?,
             }
@@ -400,8 +402,11 @@ pub async fn rebuild(
     Ok(total)
 }
 
-/// How often a day of [`rebuild`] is done again after losing a lock conflict.
-const REBUILD_CONFLICT_RETRIES: u32 = 5;
+/// How often a day of [`rebuild`] is done again after losing a lock conflict, and the pause
+/// before each attempt (times the attempt number). InnoDB rolls back the transaction that
+/// changed fewer rows, which is usually the broker's batch, but not always.
+const REBUILD_CONFLICT_RETRIES: u32 = 10;
+const REBUILD_CONFLICT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// One transaction of [`rebuild`]: deletes the span's rollup rows and recomputes them.
 async fn rebuild_span(db: &DatabaseConnection, span: &Span) -> Result<Rebuilt, DbErr> {
