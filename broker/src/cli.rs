@@ -1,5 +1,6 @@
 //! The command line, parsed by clap: `co2-broker [--config PATH]` runs the broker,
-//! `co2-broker passwd …` manages device credentials and `co2-broker migrate …` the schema.
+//! `co2-broker passwd …` manages device credentials, `co2-broker migrate …` the schema and
+//! `co2-broker rollups rebuild …` the rollup tables.
 //! Every command reads the same settings ([`Settings::load_from`]); a bad argument exits 2
 //! (clap's usage error), a bad setting exits 2 with one line naming the key, a failure while
 //! running exits 1.
@@ -14,6 +15,7 @@ use clap::{Parser, Subcommand};
 use crate::metrics::IngestMetrics;
 use crate::migrate::MigrateArgs;
 use crate::passwd::PasswdArgs;
+use crate::rollups_cli::{RebuildRange, RollupsAction, RollupsArgs};
 use crate::settings::{ConfigSource, Settings, SettingsError, DEFAULT_CONFIG_PATH};
 
 /// Exit code of a configuration the broker cannot start with, as for a bad argument.
@@ -36,6 +38,7 @@ pub struct Cli {
 pub enum Command {
     Passwd(PasswdArgs),
     Migrate(MigrateArgs),
+    Rollups(RollupsArgs),
 }
 
 impl Cli {
@@ -56,6 +59,18 @@ impl Cli {
                 Ok(settings) => migrate(&args, &settings),
                 Err(code) => code,
             },
+            Some(Command::Rollups(RollupsArgs {
+                action: RollupsAction::Rebuild(range),
+            })) => {
+                if let Err(e) = range.check() {
+                    eprintln!("co2-broker rollups: {e}");
+                    return ExitCode::from(CONFIG_ERROR);
+                }
+                match load(source()) {
+                    Ok(settings) => rebuild_rollups(&range, &settings),
+                    Err(code) => code,
+                }
+            }
         }
     }
 }
@@ -155,6 +170,25 @@ fn migrate(args: &MigrateArgs, settings: &Settings) -> ExitCode {
         }
         Err(e) => {
             eprintln!("co2-broker migrate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `co2-broker rollups rebuild …` on the configured database.
+fn rebuild_rollups(range: &RebuildRange, settings: &Settings) -> ExitCode {
+    let outcome = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::new)
+        .and_then(|runtime| runtime.block_on(crate::rollups_cli::run(&settings.ingest, range)));
+    match outcome {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("co2-broker rollups: {e:#}");
             ExitCode::FAILURE
         }
     }

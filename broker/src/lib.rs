@@ -16,6 +16,7 @@ pub mod migrate;
 pub mod mqtt;
 pub mod passwd;
 pub mod per_address;
+pub mod rollups_cli;
 pub mod rumqttd_quirks;
 pub mod settings;
 pub mod storage;

@@ -20,10 +20,12 @@ pub mod runner;
 mod m20261124_000001_readings;
 mod m20261124_000002_last_seen_index;
 mod m20261130_000003_devices;
+mod m20261202_000004_rollups;
 
 pub use config_source::ConfigSource;
 pub use database_url::DatabaseUrl;
 pub use m20261124_000001_readings::{LEGACY_BACKUP_TABLE, LEGACY_DEVICE_ID};
+pub use m20261202_000004_rollups::ROLLUP_TABLES;
 
 pub struct Migrator;
 
@@ -34,6 +36,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000001_readings::Migration),
             Box::new(m20261124_000002_last_seen_index::Migration),
             Box::new(m20261130_000003_devices::Migration),
+            Box::new(m20261202_000004_rollups::Migration),
         ]
     }
 }

@@ -5,7 +5,7 @@
 //! `ON CONFLICT DO NOTHING` on SQLite. The affected-row count then tells stored from
 //! duplicate.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use migration::{Migrator, MigratorTrait};
@@ -17,8 +17,10 @@ use sea_orm::{
 
 use super::devices::{self, DeviceActivity};
 use super::entities::rejected_messages;
+use super::rollups;
 use crate::ingest::{Batch, Reading, Rejection};
 use crate::settings::DatabaseUrl;
+use crate::throttle::Throttle;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -111,6 +113,8 @@ pub struct WriteOutcome {
 pub struct Database {
     conn: DatabaseConnection,
     activity: Arc<DeviceActivity>,
+    /// Throttles the log of rollup updates the database refused (see [`rollups`]).
+    rollup_failures: Arc<Mutex<Throttle>>,
 }
 
 impl Database {
@@ -137,6 +141,7 @@ impl Database {
         Ok(Self {
             conn,
             activity: Arc::default(),
+            rollup_failures: Arc::new(Mutex::new(Throttle::new(Duration::from_secs(10)))),
         })
     }
 
@@ -153,7 +158,7 @@ impl Database {
     }
 
     /// Writes every reading and rejection of `batch` in one transaction, with the `devices`
-    /// rows that are due (see [`super::devices`]).
+    /// rows that are due (see [`super::devices`]) and the rollups (see [`super::rollups`]).
     pub async fn write(&self, batch: &Batch) -> Result<WriteOutcome, DbErr> {
         let txn = self.conn.begin().await?;
         let stored = match self.insert_readings(&batch.readings) {
@@ -163,12 +168,14 @@ impl Database {
         if let Some(stmt) = self.insert_rejections(&batch.rejections) {
             txn.execute_raw(stmt).await?;
         }
-        // Last, so the device rows stay locked for as short a time as possible.
+        // Last, so the device and rollup rows (which every concurrent batch may want) stay
+        // locked for as short a time as possible.
         let seen = self.activity.due(&batch.readings);
         if !seen.is_empty() {
             txn.execute_raw(devices::upsert(self.backend(), &seen))
                 .await?;
         }
+        rollups::maintain_or_log(&txn, &batch.readings, stored, &self.rollup_failures).await?;
         txn.commit().await?;
         self.activity.written(seen);
         Ok(WriteOutcome {

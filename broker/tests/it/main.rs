@@ -12,6 +12,7 @@ mod ingest;
 mod legacy;
 mod metrics;
 mod recovery;
+mod rollups;
 mod schema;
 mod security;
 mod support;
