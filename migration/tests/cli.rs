@@ -8,7 +8,14 @@ use std::process::{Command, Output};
 use sea_orm_migration::sea_orm::Database;
 use sea_orm_migration::SchemaManager;
 
-const TABLES: [&str; 3] = ["co2_emissions", "rejected_messages", "devices"];
+/// The tables of the migrations, in order (the rollups' two come with the fourth).
+const TABLES: [&str; 5] = [
+    "co2_emissions",
+    "rejected_messages",
+    "devices",
+    "co2_rollup_minute",
+    "co2_rollup_hour",
+];
 
 /// The binary with `dir` as working directory and none of the caller's `CO2_*` settings.
 fn migration_in(dir: &Path) -> Command {
@@ -89,23 +96,23 @@ async fn up_down_and_status_on_the_database_from_the_environment() {
         stdout_of(&out, &format!("{args:?}"))
     };
 
-    assert_eq!(counts(&migrate(&["status"])), (0, 3));
+    assert_eq!(counts(&migrate(&["status"])), (0, 4));
     assert!(tables_in(&used).await.is_empty());
 
-    assert_eq!(counts(&migrate(&["up"])), (3, 0));
+    assert_eq!(counts(&migrate(&["up"])), (4, 0));
     assert_eq!(tables_in(&used).await, TABLES);
 
-    assert_eq!(counts(&migrate(&["down"])), (2, 1));
+    assert_eq!(counts(&migrate(&["down"])), (3, 1));
+    assert_eq!(tables_in(&used).await, TABLES[..3]);
+
+    assert_eq!(counts(&migrate(&["down", "--steps", "2"])), (1, 3));
     assert_eq!(
         tables_in(&used).await,
         ["co2_emissions", "rejected_messages"]
     );
 
-    assert_eq!(counts(&migrate(&["down", "--steps", "2"])), (0, 3));
-    assert!(tables_in(&used).await.is_empty());
-
-    assert_eq!(counts(&migrate(&["up", "--steps", "1"])), (1, 2));
-    assert_eq!(counts(&migrate(&["status"])), (1, 2));
+    assert_eq!(counts(&migrate(&["up", "--steps", "1"])), (2, 2));
+    assert_eq!(counts(&migrate(&["status"])), (2, 2));
 
     assert!(!unused.exists(), "the config's database_url was not used");
 }
@@ -124,7 +131,7 @@ async fn the_config_in_the_working_directory_names_the_database() {
     )
     .unwrap();
     let out = migration_in(dir.path()).arg("up").output().unwrap();
-    assert_eq!(counts(&stdout_of(&out, "up")), (3, 0));
+    assert_eq!(counts(&stdout_of(&out, "up")), (4, 0));
     assert_eq!(tables_in(&db).await, TABLES);
 }
 
