@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
 
-use super::mariadb::{PASSWORD, USER};
+use super::mariadb::{install_data_dir, PASSWORD, USER};
 
 /// Debian's `galera-4` package.
 pub const PROVIDER: &str = "/usr/lib/galera/libgalera_smm.so";
@@ -97,28 +97,7 @@ impl GaleraCluster {
         if run_as != current_user() {
             chown(dir.path(), &run_as);
         }
-        let install = Command::new(find_program("mariadb-install-db"))
-            .arg("--no-defaults")
-            .arg(format!("--datadir={}", template.display()))
-            .arg(format!("--tmpdir={}", tmp.display()))
-            .arg("--auth-root-authentication-method=normal")
-            .arg("--skip-test-db")
-            .arg(format!("--user={run_as}"))
-            .output()
-            .expect("mariadb-install-db runs");
-        assert!(
-            install.status.success(),
-            "mariadb-install-db failed: {}",
-            String::from_utf8_lossy(&install.stderr)
-        );
-        std::fs::write(
-            dir.path().join("init.sql"),
-            format!(
-                "CREATE USER IF NOT EXISTS '{USER}'@'127.0.0.1' IDENTIFIED BY '{PASSWORD}';\n\
-                 GRANT ALL ON *.* TO '{USER}'@'127.0.0.1' WITH GRANT OPTION;\n"
-            ),
-        )
-        .expect("init.sql");
+        install_data_dir(&template, &tmp, &run_as, dir.path());
         let mut nodes = Vec::new();
         for number in 1..=3 {
             let node_dir = dir.path().join(format!("node{number}"));

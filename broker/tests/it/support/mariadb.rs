@@ -64,28 +64,7 @@ impl MariaDb {
         // seen to fail on each other's temporary tables ("Could not remove temporary table").
         let tmp = dir.path().join("tmp");
         std::fs::create_dir(&tmp).expect("MariaDB temp dir");
-        let install = Command::new(find_program("mariadb-install-db"))
-            .arg("--no-defaults")
-            .arg(format!("--datadir={}", dir.path().join("data").display()))
-            .arg(format!("--tmpdir={}", tmp.display()))
-            .arg("--auth-root-authentication-method=normal")
-            .arg("--skip-test-db")
-            .arg(format!("--user={}", current_user()))
-            .output()
-            .expect("mariadb-install-db runs");
-        assert!(
-            install.status.success(),
-            "mariadb-install-db failed: {}",
-            String::from_utf8_lossy(&install.stderr)
-        );
-        std::fs::write(
-            dir.path().join("init.sql"),
-            format!(
-                "CREATE USER IF NOT EXISTS '{USER}'@'127.0.0.1' IDENTIFIED BY '{PASSWORD}';\n\
-                 GRANT ALL ON *.* TO '{USER}'@'127.0.0.1' WITH GRANT OPTION;\n"
-            ),
-        )
-        .expect("init.sql");
+        install_data_dir(&dir.path().join("data"), &tmp, &current_user(), dir.path());
         let mut server = MariaDb {
             dir,
             port: super::free_port(),
@@ -206,4 +185,31 @@ impl Drop for MariaDb {
     fn drop(&mut self) {
         self.release_guard();
     }
+}
+
+/// A new data dir at `datadir`, owned by `user`, and `<init_dir>/init.sql`, the `--init-file`
+/// that gives the tests' user its password on the server's first start.
+pub fn install_data_dir(datadir: &Path, tmp: &Path, user: &str, init_dir: &Path) {
+    let install = Command::new(find_program("mariadb-install-db"))
+        .arg("--no-defaults")
+        .arg(format!("--datadir={}", datadir.display()))
+        .arg(format!("--tmpdir={}", tmp.display()))
+        .arg("--auth-root-authentication-method=normal")
+        .arg("--skip-test-db")
+        .arg(format!("--user={user}"))
+        .output()
+        .expect("mariadb-install-db runs");
+    assert!(
+        install.status.success(),
+        "mariadb-install-db failed: {}",
+        String::from_utf8_lossy(&install.stderr)
+    );
+    std::fs::write(
+        init_dir.join("init.sql"),
+        format!(
+            "CREATE USER IF NOT EXISTS '{USER}'@'127.0.0.1' IDENTIFIED BY '{PASSWORD}';\n\
+             GRANT ALL ON *.* TO '{USER}'@'127.0.0.1' WITH GRANT OPTION;\n"
+        ),
+    )
+    .expect("init.sql");
 }
