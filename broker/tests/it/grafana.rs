@@ -6,6 +6,7 @@
 
 mod files;
 mod frame;
+mod ranges;
 mod render;
 
 use std::time::Duration;

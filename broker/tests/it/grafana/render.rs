@@ -6,7 +6,8 @@
 //!
 //! Grafana renders in three steps, and so does [`render`]:
 //! 1. the frontend replaces dashboard variables (`$name`, `${name}`, `${name:format}`,
-//!    `[[name]]`) and `$__interval` / `$__interval_ms`;
+//!    `[[name]]`), `$__interval` / `$__interval_ms` and the range globals `$__from` / `$__to`
+//!    (epoch milliseconds);
 //! 2. the backend replaces `$__unixEpochFrom()` / `$__unixEpochTo()` (here: with the macros);
 //! 3. the MySQL plugin expands every `$name(args)` macro: the arguments are the text up to the
 //!    first `)`, split on `,` and trimmed.
@@ -110,9 +111,21 @@ fn substitute(reference: &str, scope: &Scope) -> Result<String, String> {
         Some((name, format)) => (name, Some(format)),
         None => (reference, None),
     };
-    match name {
-        "__interval" => return Ok(format_interval(scope.interval)),
-        "__interval_ms" => return Ok(scope.interval.as_millis().to_string()),
+    let millis = |t: DateTime<Utc>| t.timestamp_millis();
+    match (name, format) {
+        ("__interval", None) => return Ok(format_interval(scope.interval)),
+        ("__interval_ms", None) => return Ok(scope.interval.as_millis().to_string()),
+        // The range globals: epoch milliseconds by default, whole seconds with
+        // `:date:seconds` (the other date formats are not modelled).
+        ("__from", None) => return Ok(millis(scope.range.from).to_string()),
+        ("__to", None) => return Ok(millis(scope.range.to).to_string()),
+        ("__from", Some("date:seconds")) => return Ok(scope.range.from.timestamp().to_string()),
+        ("__to", Some("date:seconds")) => return Ok(scope.range.to.timestamp().to_string()),
+        ("__interval" | "__interval_ms" | "__from" | "__to", Some(other)) => {
+            return Err(format!(
+                "${{{name}:{other}}}: format not modelled by the test"
+            ))
+        }
         _ => {}
     }
     let value = scope.variable(name).ok_or_else(|| {
@@ -397,6 +410,19 @@ mod tests {
         assert_eq!(parse_interval("1m30s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_interval("2w"), Ok(Duration::from_secs(14 * 86_400)));
         assert!(parse_interval("1M").is_err());
+    }
+
+    #[test]
+    fn range_globals_are_epoch_milliseconds() {
+        assert_eq!(
+            r("$__from ${__to} ${__to} - ${__from} <= 86400000"),
+            "1795500000000 1795521600000 1795521600000 - 1795500000000 <= 86400000"
+        );
+        assert_eq!(
+            r("${__from:date:seconds} ${__to:date:seconds}"),
+            "1795500000 1795521600"
+        );
+        assert!(render("${__from:date:iso}", &scope(60)).is_err());
     }
 
     #[test]
