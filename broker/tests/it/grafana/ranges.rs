@@ -211,12 +211,14 @@ async fn long_ranges_read_the_rollups_and_match_the_raw_series() {
                     .unwrap_or_else(|e| panic!("{what} (sql_mode {mode}): {e}\n{rendered}"));
                 frame::check_time_series(&series).unwrap_or_else(|e| panic!("{what}: {e}"));
                 frame::check_panel_fields(panel, &series).unwrap_or_else(|e| panic!("{what}: {e}"));
-                let expected_buckets = length.num_seconds() / interval_s as i64;
+                // Every 7th 10-minute and every 5th 20-second reading is left out, so some buckets are
+                // empty; most must not be.
+                let buckets = length.num_seconds() / interval_s as i64;
                 let per_bucket = if title == "CO2 per device" { 3 } else { 1 };
-                assert_eq!(
-                    series.rows.len() as i64,
-                    expected_buckets * per_bucket,
-                    "{what}: every bucket of the range has data"
+                assert!(
+                    series.rows.len() as i64 >= buckets * per_bucket * 3 / 4,
+                    "{what}: {} rows for {buckets} buckets",
+                    series.rows.len()
                 );
                 let raw = frame::query(&mut conn, &reference)
                     .await
