@@ -72,13 +72,7 @@ async fn edge_agent_through_broker_restarts_stores_every_reading_once_in_time_or
     let agent_dir = dir.path().join("agent");
 
     let agent = EdgeAgent::spawn(DEVICE, &agent_dir, &broker, setup.v4, INTERVAL_MS, "run1").await;
-    let first_seq = agent
-        .wait_for_line(0, "next_seq in `outbox opened`", None, |l| {
-            is_event(l, "outbox opened")
-                .then(|| field(l, "next_seq"))
-                .flatten()
-        })
-        .await;
+    let first_seq = agent.first_seq().await;
     agent
         .wait_for_line(0, "the first storage acks", Some(&broker), |l| {
             is_event(l, "storage ack").then_some(())
@@ -169,13 +163,7 @@ async fn edge_agent_fails_over_between_brokers_and_stores_every_reading_once() {
     let agent =
         EdgeAgent::spawn_with_brokers(DEVICE, &agent_dir, &broker_a, &brokers, INTERVAL_MS, "run1")
             .await;
-    let first_seq = agent
-        .wait_for_line(0, "next_seq in `outbox opened`", None, |l| {
-            is_event(l, "outbox opened")
-                .then(|| field(l, "next_seq"))
-                .flatten()
-        })
-        .await;
+    let first_seq = agent.first_seq().await;
     wait_for_connect_to(&agent, &broker_a, 0, setup_a.v4).await;
     eventually(
         Duration::from_secs(20),

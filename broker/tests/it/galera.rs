@@ -52,13 +52,7 @@ async fn start_agent(
         "run1",
     )
     .await;
-    let first_seq = agent
-        .wait_for_line(0, "next_seq in `outbox opened`", None, |l| {
-            is_event(l, "outbox opened")
-                .then(|| field(l, "next_seq"))
-                .flatten()
-        })
-        .await;
+    let first_seq = agent.first_seq().await;
     Agent { agent, first_seq }
 }
 

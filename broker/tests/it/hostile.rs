@@ -81,25 +81,30 @@ async fn flood(
 /// The address the single-host attacks come from (the test's own devices use 127.0.0.1).
 const ELSEWHERE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 
-/// Before the fix, a few flooding clients pushed a device's CONNACK past 8 s, and 50 locked
-/// devices out for minutes after the flood.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_login_flood_does_not_lock_devices_out() {
-    let dir = tempfile::tempdir().unwrap();
-    // Real-cost hashes: the flood is against the expensive check.
+/// A broker on SQLite in `dir` knowing `pi-1` ("one") and `pi-2` ("two") with the shipped,
+/// real-cost Argon2 parameters: the floods are against the expensive check.
+async fn broker_for_floods(dir: &std::path::Path) -> TestBroker {
     let mut credentials = Credentials::default();
     for (device, password) in [("pi-1", "one"), ("pi-2", "two")] {
         credentials
             .set(device, hash_password(password).unwrap())
             .unwrap();
     }
-    let file = dir.path().join("devices.passwd");
+    let file = dir.join("devices.passwd");
     credentials.save(&file).unwrap();
-    let broker = TestBroker::start_with(
-        &sqlite_url(dir.path()),
+    TestBroker::start_with(
+        &sqlite_url(dir),
         &format!("credentials_file = {:?}", file.display().to_string()),
     )
-    .await;
+    .await
+}
+
+/// Before the fix, a few flooding clients pushed a device's CONNACK past 8 s, and 50 locked
+/// devices out for minutes after the flood.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_flood_does_not_lock_devices_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = broker_for_floods(dir.path()).await;
     let addr = broker.setup.v4;
 
     let until = Instant::now() + Duration::from_secs(4);
@@ -174,19 +179,7 @@ async fn a_login_flood_does_not_lock_devices_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_flood_from_many_addresses_leaves_room_for_other_devices() {
     let dir = tempfile::tempdir().unwrap();
-    let mut credentials = Credentials::default();
-    for (device, password) in [("pi-1", "one"), ("pi-2", "two")] {
-        credentials
-            .set(device, hash_password(password).unwrap())
-            .unwrap();
-    }
-    let file = dir.path().join("devices.passwd");
-    credentials.save(&file).unwrap();
-    let broker = TestBroker::start_with(
-        &sqlite_url(dir.path()),
-        &format!("credentials_file = {:?}", file.display().to_string()),
-    )
-    .await;
+    let broker = broker_for_floods(dir.path()).await;
     let addr = broker.setup.v4;
 
     // 48 addresses, each under the per-address cap, half naming a real device and half a

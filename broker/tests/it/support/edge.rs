@@ -206,6 +206,16 @@ fsync_every = 1
         strip_ansi(&text).lines().map(str::to_owned).collect()
     }
 
+    /// The first seq this run issues: `next_seq` of its `outbox opened` line.
+    pub async fn first_seq(&self) -> u64 {
+        self.wait_for_line(0, "next_seq in `outbox opened`", None, |l| {
+            is_event(l, "outbox opened")
+                .then(|| field(l, "next_seq"))
+                .flatten()
+        })
+        .await
+    }
+
     /// Number of log lines so far, to look only at what comes after a point in the test.
     pub fn mark(&self) -> usize {
         self.lines().len()

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
 
-use super::mariadb::{install_data_dir, PASSWORD, USER};
+use super::mariadb::{current_user, find_program, install_data_dir, PASSWORD, USER};
 
 /// Debian's `galera-4` package.
 pub const PROVIDER: &str = "/usr/lib/galera/libgalera_smm.so";
@@ -46,30 +46,6 @@ pub struct GaleraCluster {
     cluster_name: String,
     /// The user the servers run as: `mysql` when the tests run as root.
     run_as: String,
-}
-
-fn find_program(name: &str) -> PathBuf {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"])
-        .map(|dir| Path::new(dir).join(name))
-        .find(|p| p.is_file());
-    found.unwrap_or_else(|| {
-        panic!(
-            "{name} not found: the Galera tests need MariaDB, galera-4 and rsync. \
-                 Run ./scripts/test (it installs them) or \
-                 `apt-get install -y mariadb-server galera-4 rsync`."
-        )
-    })
-}
-
-fn current_user() -> String {
-    let out = Command::new("id")
-        .arg("-un")
-        .output()
-        .expect("`id -un` runs");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 impl GaleraCluster {

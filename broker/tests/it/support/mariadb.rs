@@ -25,7 +25,8 @@ pub struct MariaDb {
 static SHARED: OnceLock<MariaDb> = OnceLock::new();
 static NEXT_DATABASE: AtomicU32 = AtomicU32::new(0);
 
-fn find_program(name: &str) -> PathBuf {
+/// A MariaDB (or Galera) program on PATH or in the usual system directories.
+pub(super) fn find_program(name: &str) -> PathBuf {
     let path = std::env::var("PATH").unwrap_or_default();
     let found = path
         .split(':')
@@ -33,14 +34,15 @@ fn find_program(name: &str) -> PathBuf {
         .map(|dir| Path::new(dir).join(name))
         .find(|p| p.is_file());
     found.unwrap_or_else(|| {
-            panic!(
-                "{name} not found: the MySQL tests need a MariaDB server binary. \
-                 Run ./scripts/test (it installs mariadb-server) or `apt-get install -y mariadb-server`."
-            )
-        })
+        panic!(
+            "{name} not found: the MySQL tests need mariadb-server, the Galera tests also \
+                 galera-4 and rsync. Run ./scripts/test (it installs them) or \
+                 `apt-get install -y mariadb-server galera-4 rsync`."
+        )
+    })
 }
 
-fn current_user() -> String {
+pub(super) fn current_user() -> String {
     let out = Command::new("id")
         .arg("-un")
         .output()
