@@ -59,8 +59,7 @@ pub enum CheckError {
 pub struct PasswordChecks {
     queue: SyncSender<Job>,
     verified: Mutex<HashMap<String, Verified>>,
-    /// Checks queued or running per device id; `None` stands for every unknown id.
-    pending: Arc<Mutex<HashMap<Option<String>, usize>>>,
+    pending: Allowances,
     /// Key of the remembered password hashes; random per process.
     key: [u8; 32],
 }
@@ -196,18 +195,18 @@ impl PasswordChecks {
     }
 }
 
+/// Checks queued or running per device id; `None` stands for every unknown id.
+type Allowances = Arc<Mutex<HashMap<Option<String>, usize>>>;
+
 /// A place in a device's allowance of [`CHECKS_PER_DEVICE`]; given back when dropped.
 struct PendingCheck {
-    pending: Arc<Mutex<HashMap<Option<String>, usize>>>,
+    pending: Allowances,
     device: Option<String>,
 }
 
 impl PendingCheck {
     /// `None` when `device` (`None`: any unknown device) has all its checks in use.
-    fn take(
-        pending: &Arc<Mutex<HashMap<Option<String>, usize>>>,
-        device: Option<String>,
-    ) -> Option<Self> {
+    fn take(pending: &Allowances, device: Option<String>) -> Option<Self> {
         let mut counts = pending.lock().unwrap_or_else(|e| e.into_inner());
         let count = counts.entry(device.clone()).or_default();
         if *count >= CHECKS_PER_DEVICE {

@@ -171,11 +171,7 @@ impl Writer {
         while let Some(done) = self.in_flight.join_next().await {
             self.finish(done).await;
         }
-        if self.replaying.is_some() {
-            let done = replay_done(&mut self.replaying).await;
-            self.replaying = None;
-            self.finish_replay(done).await;
-        }
+        self.await_replay().await;
         let deadline = Instant::now() + grace;
         while !self.spool.is_empty() && Instant::now() < deadline && self.replay_one().await {}
         if !self.spool.is_empty() {
@@ -388,12 +384,17 @@ impl Writer {
     async fn replay_one(&mut self) -> bool {
         let before = self.spool.pending_records();
         self.start_replay();
+        self.await_replay().await;
+        self.spool.pending_records() < before
+    }
+
+    /// Waits for the replay in flight, if any, and books it.
+    async fn await_replay(&mut self) {
         if self.replaying.is_some() {
             let done = replay_done(&mut self.replaying).await;
             self.replaying = None;
             self.finish_replay(done).await;
         }
-        self.spool.pending_records() < before
     }
 
     /// Sends the spool's oldest record to the database in its own task (see `replaying`), or
