@@ -36,6 +36,7 @@ use crate::metrics::IngestMetrics;
 use crate::mqtt::EmbeddedBroker;
 use crate::settings::Settings;
 use crate::storage::database::is_unreachable;
+use crate::storage::retention::RetentionPolicy;
 use crate::storage::{Database, Spool, Writer};
 use crate::throttle::Throttle;
 
@@ -108,6 +109,13 @@ pub async fn run(
         }
         None => None,
     };
+    // Retention runs on its own connection from the pool, beside the writers.
+    let retention = tokio::spawn(storage::retention::run(
+        db.connection().clone(),
+        RetentionPolicy::from_settings(ingest),
+        metrics.clone(),
+        stop.clone(),
+    ));
     let writer = Writer::new(
         db,
         spool,
@@ -154,6 +162,7 @@ pub async fn run(
         }
     }
     writer.await.context("writer task failed")?;
+    let _ = retention.await; // it ends with the stop token; a panic there changes nothing now
     if let Some(http) = http {
         let _ = http.await; // it ends with the stop token; a panic there changes nothing now
     }

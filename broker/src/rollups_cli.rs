@@ -6,10 +6,11 @@
 //! against the configured database while the broker keeps running: each day of the range is
 //! one transaction, and batches stored meanwhile wait for it or are read by it.
 
-use chrono::{NaiveDate, NaiveDateTime};
+use chrono::{NaiveDate, NaiveDateTime, TimeDelta};
 
 use crate::settings::IngestSettings;
-use crate::storage::rollups::{self, Rebuilt};
+use crate::storage::retention;
+use crate::storage::rollups::{self, Level, Rebuilt};
 use crate::storage::Database;
 
 /// `co2-broker rollups …`
@@ -49,6 +50,30 @@ impl RebuildRange {
         }
         Ok(())
     }
+
+    /// The range starts no earlier than the raw readings are kept (`raw_retention_days`, 0:
+    /// forever). Before that, the rollups may be all that is left of the readings, and
+    /// recomputing them from what remains would erase them.
+    pub fn check_retention(
+        &self,
+        raw_retention_days: u32,
+        now: NaiveDateTime,
+    ) -> Result<(), String> {
+        if raw_retention_days == 0 {
+            return Ok(());
+        }
+        let horizon = retention::horizon(now, raw_retention_days);
+        // The rebuild widens the range to whole hours.
+        let first_whole_hour =
+            Level::Hour.bucket(horizon + Level::Hour.width() - TimeDelta::milliseconds(1));
+        if Level::Hour.bucket(self.from) < horizon {
+            return Err(format!(
+                "--from {} reaches before the raw readings still kept (co2.raw_retention_days = {raw_retention_days}:                  from {horizon}); the rollups there cannot be recomputed and would be erased.                  Use --from {first_whole_hour} or later",
+                self.from
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A UTC time as an operator types it: a date, or a date and time with `T` or a space, with
@@ -70,6 +95,8 @@ fn parse_time(text: &str) -> Result<NaiveDateTime, String> {
 /// rollup tables exist) and rebuilds; returns what to print.
 pub async fn run(settings: &IngestSettings, args: &RebuildRange) -> anyhow::Result<String> {
     use anyhow::Context;
+    args.check_retention(settings.raw_retention_days, chrono::Utc::now().naive_utc())
+        .map_err(anyhow::Error::msg)?;
     let db = Database::connect(&settings.database_url, 1)
         .await
         .with_context(|| format!("cannot use database {}", settings.database_url))?;
@@ -164,5 +191,21 @@ mod tests {
             .unwrap_err()
             .contains("--from"));
         assert!(parse(&["drop"]).unwrap_err().contains("drop"));
+    }
+
+    #[test]
+    fn a_rebuild_never_reaches_before_the_raw_retention() {
+        let now = parse_time("2026-12-02 10:20").unwrap();
+        let range = |from: &str| parse(&["rebuild", "--from", from, "--to", "2026-12-02"]).unwrap();
+        // Kept from 2026-11-02 10:20: the hour starting 10:00 is partly gone already.
+        let refused = range("2026-11-02 10:30")
+            .check_retention(30, now)
+            .unwrap_err();
+        assert!(
+            refused.contains("--from 2026-11-02 11:00:00 or later"),
+            "{refused}"
+        );
+        assert!(range("2026-11-02 11:00").check_retention(30, now).is_ok());
+        assert!(range("2020-01-01").check_retention(0, now).is_ok());
     }
 }

@@ -15,17 +15,20 @@ pub use sea_orm_migration::prelude::*;
 pub mod cli;
 pub mod config_source;
 pub mod database_url;
+pub mod partitions;
 pub mod runner;
 
 mod m20261124_000001_readings;
 mod m20261124_000002_last_seen_index;
 mod m20261130_000003_devices;
 mod m20261202_000004_rollups;
+mod m20261202_000005_partitions;
 
 pub use config_source::ConfigSource;
 pub use database_url::DatabaseUrl;
 pub use m20261124_000001_readings::{LEGACY_BACKUP_TABLE, LEGACY_DEVICE_ID};
 pub use m20261202_000004_rollups::ROLLUP_TABLES;
+pub use m20261202_000005_partitions::NO_TIME_REASON;
 
 pub struct Migrator;
 
@@ -37,6 +40,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000002_last_seen_index::Migration),
             Box::new(m20261130_000003_devices::Migration),
             Box::new(m20261202_000004_rollups::Migration),
+            Box::new(m20261202_000005_partitions::Migration),
         ]
     }
 }

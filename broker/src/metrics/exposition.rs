@@ -28,7 +28,7 @@ const PREFIX: &str = "co2";
 type Field = fn(&IngestMetrics) -> &AtomicU64;
 
 /// Counters: (family name without prefix and `_total`, help, value).
-const COUNTERS: [(&str, &str, Field); 14] = [
+const COUNTERS: [(&str, &str, Field); 17] = [
     (
         "messages_received",
         "Messages taken off the MQTT link under co2/#.",
@@ -73,6 +73,21 @@ const COUNTERS: [(&str, &str, Field); 14] = [
         "write_conflicts",
         "Batch writes repeated after losing a lock conflict (deadlock, lock wait timeout, busy SQLite).",
         |m| &m.write_conflicts,
+    ),
+    (
+        "retention_partitions_dropped",
+        "Partitions dropped because every row in them was older than its table's retention.",
+        |m| &m.retention_partitions_dropped,
+    ),
+    (
+        "retention_rows_deleted",
+        "Rows deleted because they were older than their table's retention (SQLite, unpartitioned tables).",
+        |m| &m.retention_rows_deleted,
+    ),
+    (
+        "retention_failures",
+        "Retention rounds that failed (retried after 5 minutes).",
+        |m| &m.retention_failures,
     ),
     (
         "auth_refused",
@@ -228,7 +243,7 @@ mod tests {
 
     /// Every sample name dashboards, alerts, scripts and the README use, as served before
     /// the move to OpenMetrics.
-    const SAMPLES: [&str; 24] = [
+    const SAMPLES: [&str; 27] = [
         "co2_messages_received_total",
         "co2_readings_stored_total",
         "co2_readings_duplicate_total",
@@ -238,6 +253,9 @@ mod tests {
         "co2_spool_refused_total",
         "co2_acks_dropped_total",
         "co2_write_conflicts_total",
+        "co2_retention_partitions_dropped_total",
+        "co2_retention_rows_deleted_total",
+        "co2_retention_failures_total",
         "co2_auth_refused_total",
         "co2_password_hashes_total",
         "co2_connections_refused_total",

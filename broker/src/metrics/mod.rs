@@ -41,6 +41,12 @@ pub struct IngestMetrics {
     /// Batch writes repeated because they lost a lock conflict (a deadlock, a lock wait
     /// timeout, a busy SQLite file) with another transaction.
     pub write_conflicts: AtomicU64,
+    /// Partitions dropped by retention (MySQL/MariaDB).
+    pub retention_partitions_dropped: AtomicU64,
+    /// Rows deleted by retention (SQLite, or tables without partitions).
+    pub retention_rows_deleted: AtomicU64,
+    /// Retention rounds that failed (retried after 5 minutes).
+    pub retention_failures: AtomicU64,
     batch_latency: Histogram,
     batch_rows: Histogram,
     /// MQTT CONNECTs refused by authentication: unknown device, wrong password, or a client

@@ -65,6 +65,13 @@ pub struct IngestSettings {
     /// A file holding the database URL (e.g. a secret mounted outside git); when set it wins
     /// over `database_url`, which [`super::Settings::load`] replaces with the file's content.
     pub database_url_file: Option<PathBuf>,
+    /// Days raw readings are kept (by measured time); 0 keeps them forever. Rollups outlive
+    /// them, so dashboards still draw older ranges. See `storage::retention`.
+    pub raw_retention_days: u32,
+    /// Days per-minute rollups are kept; 0: forever.
+    pub minute_rollup_retention_days: u32,
+    /// Days per-hour rollups are kept; 0: forever.
+    pub hour_rollup_retention_days: u32,
 }
 
 impl Default for IngestSettings {
@@ -90,6 +97,9 @@ impl Default for IngestSettings {
             credentials_file: None,
             allow_anonymous_remote: false,
             database_url_file: None,
+            raw_retention_days: 0,
+            minute_rollup_retention_days: 0,
+            hour_rollup_retention_days: 0,
         }
     }
 }
@@ -182,7 +192,7 @@ mod tests {
     #[test]
     fn the_key_list_is_read_from_the_struct() {
         let keys = keys();
-        assert_eq!(keys.len(), 20, "{keys:?}");
+        assert_eq!(keys.len(), 23, "{keys:?}");
         for key in [
             "database_url",
             "legacy_timezone",

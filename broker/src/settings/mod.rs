@@ -172,6 +172,37 @@ impl Settings {
                 "must be greater than co2.min_co2_ppm",
             ));
         }
+        // Dashboards read raw readings for ranges up to a day and minute rollups up to 14 days.
+        let retention = [
+            (
+                "co2.raw_retention_days",
+                i.raw_retention_days,
+                2,
+                "a day of raw readings",
+            ),
+            (
+                "co2.minute_rollup_retention_days",
+                i.minute_rollup_retention_days,
+                15,
+                "14 days of minute rollups",
+            ),
+            (
+                "co2.hour_rollup_retention_days",
+                i.hour_rollup_retention_days,
+                1,
+                "hour rollups",
+            ),
+        ];
+        for (key, days, least, reads) in retention {
+            if days != 0 && days < least {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "must be 0 (keep forever) or at least {least}: dashboards read {reads}"
+                    ),
+                ));
+            }
+        }
         let router = &self.mqtt.router;
         if router.max_segment_size < 1024 {
             return Err(invalid("router.max_segment_size", "must be at least 1024"));

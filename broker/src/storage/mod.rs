@@ -5,6 +5,7 @@ pub mod ack;
 pub mod database;
 pub mod devices;
 pub mod entities;
+pub mod retention;
 pub mod rollups;
 pub mod spool;
 pub mod writer;
