@@ -48,6 +48,8 @@ const RETRY_INTERVAL: Duration = Duration::from_secs(300);
 /// behind a waiting ALTER, so it must stay well below the writer's `db_write_timeout_ms`; a
 /// change that gives up is tried again at the next round.
 const LOCK_WAIT_SECONDS: u32 = 1;
+/// Times a partition change is planned again after the layout changed under it.
+const LAYOUT_RACE_RETRIES: u32 = 3;
 /// Rows per bounded DELETE, and the pause between two of them.
 const DELETE_BATCH: u64 = 5_000;
 const DELETE_PAUSE: Duration = Duration::from_millis(20);
@@ -173,14 +175,23 @@ async fn maintain_mysql(
         return delete_expired(db, policy, table, days, now).await;
     }
     // Another broker of the same database (Galera) may change the layout between our read and
-    // our ALTER: then the ALTER fails on a name or bound that now exists, and the layout is
-    // read again; the second plan has nothing left to do or does the rest.
+    // our ALTER: then the ALTER fails on a name or bound that is gone or now exists (or waits
+    // for the other ALTER past the lock wait), and the layout is read again. Each of its (at
+    // most two) changes can make ours fail once.
     let mut attempt = 0;
     loop {
         match change_partitions(db, table, days, now, policy.ahead).await {
-            Err(e) if attempt == 0 && !is_unreachable(&e) && !is_conflict(&e) => {
-                tracing::debug!(table = table.name, error = %e, "partition change refused; reading the layout again");
+            Err(e) if attempt < LAYOUT_RACE_RETRIES && !is_unreachable(&e) => {
                 attempt += 1;
+                tracing::debug!(table = table.name, error = %e, attempt, "partition change refused; reading the layout again");
+                // A lock wait means another ALTER (or a long query) holds the table: give it
+                // time. A refused name or bound was a change already made: look again now.
+                let pause = if is_conflict(&e) {
+                    LOCK_WAIT_SECONDS * 1000
+                } else {
+                    50
+                };
+                tokio::time::sleep(Duration::from_millis(pause.into()) * attempt).await;
             }
             outcome => return outcome,
         }
@@ -197,55 +208,49 @@ async fn change_partitions(
     now: NaiveDateTime,
     ahead: TimeDelta,
 ) -> Result<TableReport, DbErr> {
+    // Read outside the transaction below: a read inside it would hold a metadata lock on the
+    // table until the end, and another broker's ALTER would wait for it.
+    let plan = plan(&partitions(db, table).await?, days, now, ahead);
+    let report = TableReport {
+        added: plan.added.clone(),
+        dropped: plan.dropped.clone(),
+        deleted_rows: 0,
+    };
+    let Some(statements) = plan.statements(table) else {
+        return Ok(report);
+    };
     // A transaction is the way to hold one pooled connection; each ALTER commits on its own.
     let conn = db.begin().await?;
     conn.execute_unprepared(&format!(
         "SET SESSION lock_wait_timeout = {LOCK_WAIT_SECONDS}"
     ))
     .await?;
-    let outcome = apply_plan(&conn, table, days, now, ahead).await;
+    let mut outcome = Ok(());
+    for statement in statements {
+        outcome = conn.execute_unprepared(&statement).await.map(drop);
+        if outcome.is_err() {
+            break;
+        }
+    }
     // Back to the server's default before the connection returns to the pool.
     let reset = conn
         .execute_unprepared("SET SESSION lock_wait_timeout = DEFAULT")
         .await;
     conn.commit().await?;
-    let report = outcome?;
+    outcome?;
     reset?;
-    Ok(report)
-}
-
-async fn apply_plan(
-    conn: &impl ConnectionTrait,
-    table: PartitionedTable,
-    days: Option<u32>,
-    now: NaiveDateTime,
-    ahead: TimeDelta,
-) -> Result<TableReport, DbErr> {
-    let layout = partitions(conn, table).await?;
-    let plan = plan(&layout, days, now, ahead);
-    if let Some(statement) = plan.add_statement(table) {
-        conn.execute_unprepared(&statement).await?;
-        tracing::info!(table = table.name, partitions = %plan.added.join(", "), "partitions added ahead");
+    if !report.added.is_empty() {
+        tracing::info!(table = table.name, partitions = %report.added.join(", "), "partitions added ahead");
     }
-    if !plan.dropped.is_empty() {
-        conn.execute_unprepared(&format!(
-            "ALTER TABLE {} DROP PARTITION {}",
-            table.name,
-            plan.dropped.join(", ")
-        ))
-        .await?;
+    if !report.dropped.is_empty() {
         tracing::info!(
             table = table.name,
-            partitions = %plan.dropped.join(", "),
+            partitions = %report.dropped.join(", "),
             retention_days = days,
             "expired partitions dropped"
         );
     }
-    Ok(TableReport {
-        added: plan.added,
-        dropped: plan.dropped,
-        deleted_rows: 0,
-    })
+    Ok(report)
 }
 
 /// What [`plan`] decided for one table.
@@ -260,20 +265,30 @@ pub struct Plan {
 }
 
 impl Plan {
-    fn add_statement(&self, table: PartitionedTable) -> Option<String> {
-        if self.new_clauses.is_empty() {
-            return None;
+    /// The ALTERs, partitions ahead first (so the table is never without one for the
+    /// present), then the expired ones dropped; `None` when there is nothing to do.
+    fn statements(&self, table: PartitionedTable) -> Option<Vec<String>> {
+        let mut statements = Vec::new();
+        if !self.new_clauses.is_empty() {
+            let clauses = self.new_clauses.join(", ");
+            statements.push(match &self.future {
+                // Splitting the empty safety net is instant; it keeps its name and MAXVALUE.
+                Some(future) => format!(
+                    "ALTER TABLE {} REORGANIZE PARTITION {future} INTO ({clauses}, {})",
+                    table.name,
+                    future_clause(future)
+                ),
+                None => format!("ALTER TABLE {} ADD PARTITION ({clauses})", table.name),
+            });
         }
-        let clauses = self.new_clauses.join(", ");
-        Some(match &self.future {
-            // Splitting the empty safety net is instant; it keeps its name and MAXVALUE.
-            Some(future) => format!(
-                "ALTER TABLE {} REORGANIZE PARTITION {future} INTO ({clauses}, {})",
+        if !self.dropped.is_empty() {
+            statements.push(format!(
+                "ALTER TABLE {} DROP PARTITION {}",
                 table.name,
-                future_clause(future)
-            ),
-            None => format!("ALTER TABLE {} ADD PARTITION ({clauses})", table.name),
-        })
+                self.dropped.join(", ")
+            ));
+        }
+        (!statements.is_empty()).then_some(statements)
     }
 }
 
@@ -459,7 +474,7 @@ mod tests {
         // p_start ends on Nov 1, before the cutoff (Nov 25 11:00); p20261101 reaches past it.
         assert_eq!(plan.dropped, ["p_start"]);
         assert_eq!(
-            plan.add_statement(READINGS).unwrap(),
+            plan.statements(READINGS).unwrap()[0],
             "ALTER TABLE co2_emissions REORGANIZE PARTITION p_future INTO (\
              PARTITION p20261203 VALUES LESS THAN ('2026-12-04 00:00:00'), \
              PARTITION p20261204 VALUES LESS THAN ('2026-12-05 00:00:00'), \
@@ -511,7 +526,7 @@ mod tests {
             TimeDelta::days(1),
         );
         assert_eq!(
-            plan.add_statement(READINGS).unwrap(),
+            plan.statements(READINGS).unwrap()[0],
             "ALTER TABLE co2_emissions ADD PARTITION (\
              PARTITION p20261202 VALUES LESS THAN ('2026-12-03 00:00:00'), \
              PARTITION p20261203 VALUES LESS THAN ('2026-12-04 00:00:00'))"

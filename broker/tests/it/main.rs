@@ -12,6 +12,7 @@ mod ingest;
 mod legacy;
 mod metrics;
 mod recovery;
+mod retention;
 mod rollups;
 mod schema;
 mod security;
