@@ -13,7 +13,8 @@ async fn legacy_table_is_adopted_without_losing_a_row() {
     let url = MariaDb::shared().create_database("sheroDB").await;
     let conn = db::connect(&url).await;
     // Exactly the seed's schema and what sub.py wrote, including a value DOUBLE(7,2) can hold
-    // only just, two rows in the same second and a NULL the old script let through.
+    // only just, two rows in the same second and a NULL the old script let through. Every row
+    // is kept: in co2_emissions, or (the one without a time) in rejected_messages.
     conn.execute_unprepared(
         "CREATE TABLE co2_emissions (date_time DATETIME, emissions DOUBLE(7,2));
          INSERT INTO co2_emissions VALUES
@@ -28,9 +29,9 @@ async fn legacy_table_is_adopted_without_losing_a_row() {
     let broker = TestBroker::start(&url).await;
     mqtt::publish_one(broker.setup.v4, "co2/pi-7", "2020-7-15 9:5:3|100000.0").await;
 
-    let rows = eventually(Duration::from_secs(10), "4 old rows + 1 new", || async {
+    let rows = eventually(Duration::from_secs(10), "3 old rows + 1 new", || async {
         let rows = db::readings(&conn).await;
-        (rows.len() == 5).then_some(rows)
+        (rows.len() == 4).then_some(rows)
     })
     .await;
     let old: Vec<_> = rows
@@ -44,9 +45,14 @@ async fn legacy_table_is_adopted_without_losing_a_row() {
             (Some("2020-07-13 22:43:23".into()), Some(3500.0)),
             (Some("2020-07-13 22:43:23".into()), Some(3501.25)),
             (Some("2020-07-14 08:00:00".into()), Some(99999.99)),
-            (None, Some(412.0)),
         ]
     );
+    // The row without a time cannot be partitioned (nor drawn): it is recorded, not dropped,
+    // and the backup below still holds it.
+    let rejected = db::rejections(&conn).await;
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(rejected[0].reason, migration::NO_TIME_REASON);
+    assert_eq!(rejected[0].payload, "|412");
     // The widened column keeps a value DOUBLE(7,2) could not hold.
     let new = rows.iter().find(|r| r.device_id == "pi-7").unwrap();
     assert_eq!(new.emissions, Some(100000.0));
