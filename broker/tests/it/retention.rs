@@ -17,8 +17,9 @@ use migration::partitions::{PartitionedTable, HOUR_ROLLUPS, MINUTE_ROLLUPS, READ
 use migration::{Migrator, MigratorTrait, LEGACY_BACKUP_TABLE, NO_TIME_REASON};
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 
-use crate::support::db;
+use crate::support::broker::{scrape, TestBroker};
 use crate::support::mariadb::MariaDb;
+use crate::support::{db, eventually};
 
 const DEVICES: [&str; 2] = ["pi-kitchen", "pi-office"];
 /// Readings reach this far back and ahead of now.
@@ -340,4 +341,63 @@ async fn retention_deletes_exactly_the_expired_rows(url: &str, roll_back_partiti
         .await
         .unwrap();
     assert!(again.iter().all(|(_, r)| r.deleted_rows == 0), "{again:?}");
+}
+
+/// The broker itself: started with 30 days of raw retention on readings from the last 100
+/// days, it applies retention at start and counts it on /metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_applies_retention_at_start_in_mariadb() {
+    let url = MariaDb::shared().create_database("retention_broker").await;
+    let conn = db::connect(&url).await;
+    // Readings stored before the upgrade to migration 5, which the broker applies at start.
+    Migrator::up(&conn, Some(4)).await.unwrap();
+    the_broker_applies_retention_at_start(&url, &conn, "co2_retention_partitions_dropped_total")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_applies_retention_at_start_in_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/co2.db?mode=rwc", dir.path().display());
+    let conn = db::connect(&url).await;
+    Migrator::up(&conn, None).await.unwrap();
+    the_broker_applies_retention_at_start(&url, &conn, "co2_retention_rows_deleted_total").await;
+}
+
+async fn the_broker_applies_retention_at_start(
+    url: &str,
+    conn: &DatabaseConnection,
+    counter: &str,
+) {
+    let db = Database::connect(&DatabaseUrl::new(url), 2).await.unwrap();
+    let now = Utc::now().naive_utc();
+    store(&db, readings(now)).await;
+    let before = times(conn, READINGS).await;
+
+    let broker = TestBroker::start_with(url, "raw_retention_days = 30").await;
+    let http = broker.setup.http;
+    eventually(Duration::from_secs(20), counter, || async {
+        (scrape(http, counter).await? > 0.0).then_some(())
+    })
+    .await;
+    let after = times(conn, READINGS).await;
+    let cutoff = retention::horizon(now, 30);
+    let newer = |m: &BTreeMap<String, Vec<NaiveDateTime>>| {
+        m.values().flatten().filter(|t| **t >= cutoff).count()
+    };
+    assert_eq!(
+        newer(&after),
+        newer(&before),
+        "a reading inside the retention went"
+    );
+    let oldest = after.values().flatten().min().unwrap();
+    assert!(
+        *oldest >= cutoff - TimeDelta::days(31),
+        "readings older than the cutoff by more than a partition stayed: {oldest}"
+    );
+    assert_eq!(
+        scrape(http, "co2_retention_failures_total").await,
+        Some(0.0)
+    );
+    broker.stop().await;
 }
