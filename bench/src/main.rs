@@ -35,6 +35,13 @@ struct Args {
     /// Readings per second, all devices together; as fast as they go without it.
     #[arg(long)]
     rate: Option<f64>,
+    /// Measured time between two readings of a device, in milliseconds. The readings of a
+    /// device end at the present and reach back `readings × spacing`. 1 (the default) puts a
+    /// device's readings of a run into one or two minute buckets; 10000 (a sensor every 10 s)
+    /// or 60000 (one reading per device and minute, the worst case for rollups) make every
+    /// batch touch many more rollup rows.
+    #[arg(long, default_value_t = 1)]
+    spacing_ms: u64,
     /// Tag in the device ids, so runs against one database do not collide (default: the time).
     #[arg(long)]
     run: Option<String>,
@@ -76,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
             device,
             args.readings,
             per_device_interval,
+            args.spacing_ms,
             logins.clone(),
         )));
     }
@@ -118,6 +126,7 @@ async fn run_device(
     device: DeviceId,
     readings: u64,
     interval: Option<Duration>,
+    spacing_ms: u64,
     logins: Arc<Semaphore>,
 ) -> anyhow::Result<DeviceReport> {
     let login = logins.acquire_owned().await?;
@@ -135,7 +144,9 @@ async fn run_device(
     }
     drop(login);
     let first_publish = Instant::now();
-    let base_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
+    let spacing_ms = i64::try_from(spacing_ms).context("spacing in range")?;
+    let base_ms = now_ms - (readings as i64 - 1) * spacing_ms;
     let topic = device.readings_topic();
     let publisher = tokio::spawn({
         let client = client.clone();
@@ -148,7 +159,7 @@ async fn run_device(
                 }
                 let payload = Payload {
                     measured_at: MeasuredAt::Utc(
-                        chrono::DateTime::from_timestamp_millis(base_ms + seq as i64)
+                        chrono::DateTime::from_timestamp_millis(base_ms + seq as i64 * spacing_ms)
                             .context("timestamp in range")?,
                     ),
                     co2_ppm: 400.0 + (seq % 800) as f64,
