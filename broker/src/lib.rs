@@ -94,6 +94,8 @@ pub async fn run(
         .collect();
 
     let stop = CancellationToken::new();
+    // The rollup flusher stops only once the writer has finished.
+    let rollups_stop = CancellationToken::new();
     let http = match ingest.http_addr() {
         Some(addr) => {
             let health = Arc::new(http::Health {
@@ -115,6 +117,13 @@ pub async fn run(
         RetentionPolicy::from_settings(ingest),
         metrics.clone(),
         stop.clone(),
+    ));
+    let rollups = tokio::spawn(storage::rollup_flush::run(
+        db.connection().clone(),
+        db.pending_rollups().clone(),
+        ingest.data_dir.clone(),
+        chrono::TimeDelta::milliseconds(ingest.max_future_skew_ms as i64),
+        rollups_stop.clone(),
     ));
     let writer = Writer::new(
         db,
@@ -162,6 +171,9 @@ pub async fn run(
         }
     }
     writer.await.context("writer task failed")?;
+    // After the last batch: recompute what it marked, then stop.
+    rollups_stop.cancel();
+    let _ = rollups.await; // a panic there changes nothing now; the next start rebuilds
     let _ = retention.await; // it ends with the stop token; a panic there changes nothing now
     if let Some(http) = http {
         let _ = http.await; // it ends with the stop token; a panic there changes nothing now

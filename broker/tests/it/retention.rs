@@ -62,6 +62,7 @@ async fn store(db: &Database, readings: Vec<Reading>) {
         .await
         .expect("write a batch");
     }
+    db.flush_rollups().await.expect("recompute the rollups");
 }
 
 /// The times of a table's rows, per device, sorted; rows without a time are left out.
