@@ -600,7 +600,7 @@ async fn a_refused_rollup_update_keeps_the_readings(url: &str, trigger: &str) {
         db.flush_rollups().await.is_err(),
         "the trigger refuses the hours"
     );
-    assert!(db.pending_rollups().len() > 0, "hour buckets stay marked");
+    assert!(!db.pending_rollups().is_empty(), "hour buckets stay marked");
     assert!(
         db.pending_rollups().len() < marked,
         "minute buckets were recomputed"
