@@ -118,6 +118,11 @@ pub async fn run(
         metrics.clone(),
         stop.clone(),
     ));
+    let backfill = tokio::spawn(storage::rollup_backfill::run(
+        db.connection().clone(),
+        ingest.raw_retention_days,
+        stop.clone(),
+    ));
     let rollups = tokio::spawn(storage::rollup_flush::run(
         db.connection().clone(),
         db.pending_rollups().clone(),
@@ -175,6 +180,7 @@ pub async fn run(
     rollups_stop.cancel();
     let _ = rollups.await; // a panic there changes nothing now; the next start rebuilds
     let _ = retention.await; // it ends with the stop token; a panic there changes nothing now
+    let _ = backfill.await; // likewise; it resumes at the next start
     if let Some(http) = http {
         let _ = http.await; // it ends with the stop token; a panic there changes nothing now
     }

@@ -23,6 +23,7 @@ mod m20261124_000002_last_seen_index;
 mod m20261130_000003_devices;
 mod m20261202_000004_rollups;
 mod m20261202_000005_partitions;
+mod m20261202_000006_rollup_backfill;
 
 pub use config_source::ConfigSource;
 pub use database_url::DatabaseUrl;
@@ -41,6 +42,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261130_000003_devices::Migration),
             Box::new(m20261202_000004_rollups::Migration),
             Box::new(m20261202_000005_partitions::Migration),
+            Box::new(m20261202_000006_rollup_backfill::Migration),
         ]
     }
 }

@@ -77,9 +77,9 @@ fn partition_by(column: &str, bounds: &[NaiveDateTime]) -> String {
     )
 }
 
-/// The oldest time in `table`, found with one primary-key or identity probe per device
-/// (a plain MIN would scan the whole table: no index starts with the time column).
-async fn oldest(
+/// The oldest time in `table`, found with one primary-key or identity probe per device of
+/// `devices` (a plain MIN would scan the whole table: no index starts with the time column).
+pub(crate) async fn oldest(
     db: &SchemaManagerConnection<'_>,
     table: &str,
     column: &str,
@@ -89,7 +89,7 @@ async fn oldest(
          WHERE t.device_id = d.device_id) AS oldest FROM devices d) per_device"
     );
     let row = db
-        .query_one_raw(Statement::from_string(DbBackend::MySql, sql))
+        .query_one_raw(Statement::from_string(db.get_database_backend(), sql))
         .await?;
     Ok(match row {
         Some(row) => row.try_get::<Option<NaiveDateTime>>("", "oldest")?,

@@ -9,12 +9,13 @@ use sea_orm_migration::sea_orm::Database;
 use sea_orm_migration::SchemaManager;
 
 /// The tables of the migrations, in order (the rollups' two come with the fourth).
-const TABLES: [&str; 5] = [
+const TABLES: [&str; 6] = [
     "co2_emissions",
     "rejected_messages",
     "devices",
     "co2_rollup_minute",
     "co2_rollup_hour",
+    "rollup_backfill",
 ];
 
 /// The binary with `dir` as working directory and none of the caller's `CO2_*` settings.
@@ -96,27 +97,30 @@ async fn up_down_and_status_on_the_database_from_the_environment() {
         stdout_of(&out, &format!("{args:?}"))
     };
 
-    assert_eq!(counts(&migrate(&["status"])), (0, 5));
+    assert_eq!(counts(&migrate(&["status"])), (0, 6));
     assert!(tables_in(&used).await.is_empty());
 
-    assert_eq!(counts(&migrate(&["up"])), (5, 0));
+    assert_eq!(counts(&migrate(&["up"])), (6, 0));
     assert_eq!(tables_in(&used).await, TABLES);
+
+    assert_eq!(counts(&migrate(&["down"])), (5, 1));
+    assert_eq!(tables_in(&used).await, TABLES[..5]);
 
     // Migration 5 (partitions) changes nothing on SQLite.
-    assert_eq!(counts(&migrate(&["down"])), (4, 1));
-    assert_eq!(tables_in(&used).await, TABLES);
+    assert_eq!(counts(&migrate(&["down"])), (4, 2));
+    assert_eq!(tables_in(&used).await, TABLES[..5]);
 
-    assert_eq!(counts(&migrate(&["down"])), (3, 2));
+    assert_eq!(counts(&migrate(&["down"])), (3, 3));
     assert_eq!(tables_in(&used).await, TABLES[..3]);
 
-    assert_eq!(counts(&migrate(&["down", "--steps", "2"])), (1, 4));
+    assert_eq!(counts(&migrate(&["down", "--steps", "2"])), (1, 5));
     assert_eq!(
         tables_in(&used).await,
         ["co2_emissions", "rejected_messages"]
     );
 
-    assert_eq!(counts(&migrate(&["up", "--steps", "1"])), (2, 3));
-    assert_eq!(counts(&migrate(&["status"])), (2, 3));
+    assert_eq!(counts(&migrate(&["up", "--steps", "1"])), (2, 4));
+    assert_eq!(counts(&migrate(&["status"])), (2, 4));
 
     assert!(!unused.exists(), "the config's database_url was not used");
 }
@@ -135,7 +139,7 @@ async fn the_config_in_the_working_directory_names_the_database() {
     )
     .unwrap();
     let out = migration_in(dir.path()).arg("up").output().unwrap();
-    assert_eq!(counts(&stdout_of(&out, "up")), (5, 0));
+    assert_eq!(counts(&stdout_of(&out, "up")), (6, 0));
     assert_eq!(tables_in(&db).await, TABLES);
 }
 

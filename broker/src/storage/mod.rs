@@ -6,6 +6,7 @@ pub mod database;
 pub mod devices;
 pub mod entities;
 pub mod retention;
+pub mod rollup_backfill;
 pub mod rollup_flush;
 pub mod rollups;
 pub mod spool;

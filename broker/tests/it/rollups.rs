@@ -12,8 +12,10 @@ use chrono::{NaiveDateTime, TimeDelta};
 use co2_broker::ingest::{Batch, Reading};
 use co2_broker::settings::DatabaseUrl;
 use co2_broker::storage::database::is_conflict;
+use co2_broker::storage::rollup_backfill;
 use co2_broker::storage::rollups::{self, Level};
 use co2_broker::storage::{Database, WriteOutcome};
+use migration::{Migrator, MigratorTrait};
 use rumqttc::QoS;
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 
@@ -718,4 +720,60 @@ async fn a_start_after_an_unclean_stop_rebuilds_the_unfinished_rollups() {
     broker.stop().await;
     assert!(!marker.exists(), "a clean stop leaves no marker");
     assert_rollups_match_readings(&conn, "after a clean stop").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_from_before_the_rollup_tables_get_rollups_in_the_background_in_mariadb() {
+    let url = MariaDb::shared().create_database("rollups_backfill").await;
+    readings_from_before_the_rollup_tables_get_rollups_in_the_background(&url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_from_before_the_rollup_tables_get_rollups_in_the_background_in_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/co2.db?mode=rwc", dir.path().display());
+    readings_from_before_the_rollup_tables_get_rollups_in_the_background(&url).await;
+}
+
+/// An installation upgraded from before migration 4: its readings have no rollups. The broker
+/// fills them by itself after the upgrade (migration 6 records the span), newest day first,
+/// and clears the span once done. A fresh installation has no span.
+async fn readings_from_before_the_rollup_tables_get_rollups_in_the_background(url: &str) {
+    let conn = db::connect(url).await;
+    Migrator::up(&conn, Some(3)).await.unwrap();
+    let db = Database::connect(&DatabaseUrl::new(url), 2).await.unwrap();
+    let start = at("2026-11-20 08:00:00");
+    for (device, from) in [("pi-old", start), ("pi-older", start - TimeDelta::days(3))] {
+        // Stored by a broker of before the rollups (here: the rollup tables do not exist yet,
+        // so the readings are stored without them).
+        let rows = arriving(readings(device, from, 0..600), TimeDelta::days(10));
+        db.write(&batch(rows)).await.unwrap();
+    }
+    assert_eq!(db::reading_count(&conn).await, 1_200);
+
+    let broker = TestBroker::start(url).await;
+    eventually(Duration::from_secs(30), "backfill done", || async {
+        rollup_backfill::remaining(&conn)
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert_rollups_match_readings(&conn, "filled in the background").await;
+    broker.stop().await;
+
+    let fresh = tempfile::tempdir().unwrap();
+    let fresh_url = format!("sqlite://{}/fresh.db?mode=rwc", fresh.path().display());
+    let fresh_db = Database::connect(&DatabaseUrl::new(&fresh_url), 1)
+        .await
+        .unwrap();
+    fresh_db.migrate().await.unwrap();
+    assert_eq!(
+        rollup_backfill::remaining(fresh_db.connection())
+            .await
+            .unwrap(),
+        None
+    );
 }
