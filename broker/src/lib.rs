@@ -94,8 +94,6 @@ pub async fn run(
         .collect();
 
     let stop = CancellationToken::new();
-    // The rollup flusher stops only once the writer has finished.
-    let rollups_stop = CancellationToken::new();
     let http = match ingest.http_addr() {
         Some(addr) => {
             let health = Arc::new(http::Health {
@@ -122,13 +120,6 @@ pub async fn run(
         db.connection().clone(),
         ingest.raw_retention_days,
         stop.clone(),
-    ));
-    let rollups = tokio::spawn(storage::rollup_flush::run(
-        db.connection().clone(),
-        db.pending_rollups().clone(),
-        ingest.data_dir.clone(),
-        chrono::TimeDelta::milliseconds(ingest.max_future_skew_ms as i64),
-        rollups_stop.clone(),
     ));
     let writer = Writer::new(
         db,
@@ -176,9 +167,6 @@ pub async fn run(
         }
     }
     writer.await.context("writer task failed")?;
-    // After the last batch: recompute what it marked, then stop.
-    rollups_stop.cancel();
-    let _ = rollups.await; // a panic there changes nothing now; the next start rebuilds
     let _ = retention.await; // it ends with the stop token; a panic there changes nothing now
     let _ = backfill.await; // likewise; it resumes at the next start
     if let Some(http) = http {

@@ -17,8 +17,7 @@ use sea_orm::{
 
 use super::devices::{self, DeviceActivity};
 use super::entities::rejected_messages;
-use super::rollup_flush::{self, PendingRollups};
-use super::rollups::{self, Novelty};
+use super::rollups;
 use crate::ingest::{Batch, Reading, Rejection};
 use crate::settings::DatabaseUrl;
 use crate::throttle::Throttle;
@@ -116,8 +115,6 @@ pub struct Database {
     activity: Arc<DeviceActivity>,
     /// Throttles the log of rollup updates the database refused (see [`rollups`]).
     rollup_failures: Arc<Mutex<Throttle>>,
-    /// Buckets of live readings to recompute (see [`rollup_flush`]).
-    pending_rollups: Arc<PendingRollups>,
 }
 
 impl Database {
@@ -145,7 +142,6 @@ impl Database {
             conn,
             activity: Arc::default(),
             rollup_failures: Arc::new(Mutex::new(Throttle::new(Duration::from_secs(10)))),
-            pending_rollups: Arc::default(),
         })
     }
 
@@ -157,25 +153,12 @@ impl Database {
         &self.conn
     }
 
-    /// The rollup buckets this handle's writes have marked (see [`rollup_flush`]).
-    pub fn pending_rollups(&self) -> &Arc<PendingRollups> {
-        &self.pending_rollups
-    }
-
-    /// Recomputes every marked rollup bucket now (tests, and tools that read the rollups right
-    /// after writing).
-    pub async fn flush_rollups(&self) -> Result<rollup_flush::Flushed, DbErr> {
-        rollup_flush::flush(&self.conn, &self.pending_rollups, true).await
-    }
-
     pub fn backend(&self) -> DbBackend {
         self.conn.get_database_backend()
     }
 
     /// Writes every reading and rejection of `batch` in one transaction, with the `devices`
-    /// rows that are due (see [`super::devices`]) and the rollups of late readings (see
-    /// [`super::rollups`]); marks the rollup buckets of live ones for the flusher (see
-    /// [`super::rollup_flush`]).
+    /// rows that are due (see [`super::devices`]) and the rollups (see [`super::rollups`]).
     pub async fn write(&self, batch: &Batch) -> Result<WriteOutcome, DbErr> {
         let txn = self.conn.begin().await?;
         let stored = match self.insert_readings(&batch.readings) {
@@ -192,20 +175,9 @@ impl Database {
             txn.execute_raw(devices::upsert(self.backend(), &seen))
                 .await?;
         }
-        let (live, late): (Vec<&Reading>, Vec<&Reading>) = batch
-            .readings
-            .iter()
-            .partition(|r| rollup_flush::is_live(r));
-        if !late.is_empty() {
-            let novelty = Novelty::of(stored, batch.readings.len());
-            let late: Vec<Reading> = late.into_iter().cloned().collect();
-            rollups::maintain_or_log(&txn, &late, novelty, &self.rollup_failures).await?;
-        }
+        rollups::maintain_or_log(&txn, &batch.readings, stored, &self.rollup_failures).await?;
         txn.commit().await?;
         self.activity.written(seen);
-        // Marked even when nothing was new: a batch that was committed but whose write timed
-        // out comes back as a replay of duplicates, and its buckets must not stay unmarked.
-        self.pending_rollups.mark(live);
         Ok(WriteOutcome {
             stored,
             duplicates: batch.readings.len() as u64 - stored,

@@ -7,7 +7,6 @@ pub mod devices;
 pub mod entities;
 pub mod retention;
 pub mod rollup_backfill;
-pub mod rollup_flush;
 pub mod rollups;
 pub mod spool;
 pub mod writer;

@@ -1,11 +1,8 @@
 //! Keeps `co2_rollup_minute` and `co2_rollup_hour` (migration 4) equal to a `GROUP BY` over the
 //! stored readings, and rebuilds them from the readings on request.
 //!
-//! Live readings (measured minutes before they arrive, nearly all of them) have their buckets
-//! recomputed from the readings shortly after their minute ends (`super::rollup_flush`). Late
-//! readings have them maintained inside the transaction that stores the batch ([`maintain`]),
-//! so a rollup never counts a late reading that was not committed, and never misses one that
-//! was:
+//! Maintenance runs inside the transaction that stores a batch ([`maintain`]), so a rollup
+//! never counts a reading that was not committed, and never misses one that was:
 //!
 //! - All readings of the batch were new (the normal case): their per-bucket count, sum, min,
 //!   max and first/last time are added to the buckets, computed here from the batch. No reading
@@ -191,42 +188,22 @@ fn spans<'a>(keys: impl Iterator<Item = &'a (&'a str, NaiveDateTime)>, level: Le
     spans
 }
 
-/// How many readings of a batch (or of part of it) were new.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Novelty {
-    AllNew,
-    NoneNew,
-    /// Some were duplicates; which ones is not known.
-    SomeNew,
-}
-
-impl Novelty {
-    /// From the rows a batch of `total` readings stored.
-    pub fn of(stored: u64, total: usize) -> Self {
-        match stored {
-            0 => Novelty::NoneNew,
-            s if s == total as u64 => Novelty::AllNew,
-            _ => Novelty::SomeNew,
-        }
-    }
-}
-
-/// Brings the rollups up to date with `readings`, just written in `txn` (see the module
-/// documentation). The broker calls it for late readings only; live ones are recomputed after
-/// their minute (`super::rollup_flush`).
+/// Brings the rollups up to date with a batch just written in `txn`, of whose readings
+/// `stored` were new (see the module documentation).
 pub async fn maintain(
     txn: &impl ConnectionTrait,
     readings: &[Reading],
-    novelty: Novelty,
+    stored: u64,
 ) -> Result<(), DbErr> {
-    if novelty == Novelty::NoneNew || readings.is_empty() {
+    if stored == 0 {
         return Ok(());
     }
     let backend = txn.get_database_backend();
+    let exact = stored == readings.len() as u64;
     for level in [Level::Minute, Level::Hour] {
         let buckets = aggregate(readings, level);
         txn.execute_raw(add(backend, level, &buckets)).await?;
-        if novelty == Novelty::SomeNew {
+        if !exact {
             txn.execute_raw(recompute(backend, level, &spans(buckets.keys(), level)))
                 .await?;
         }
@@ -242,10 +219,10 @@ pub async fn maintain(
 pub async fn maintain_or_log(
     txn: &impl ConnectionTrait,
     readings: &[Reading],
-    novelty: Novelty,
+    stored: u64,
     failure_log: &Mutex<Throttle>,
 ) -> Result<(), DbErr> {
-    match maintain(txn, readings, novelty).await {
+    match maintain(txn, readings, stored).await {
         Err(e) if !is_conflict(&e) && !is_unreachable(&e) => {
             let ready = failure_log.lock().map(|mut log| log.ready());
             if let Ok(Some(suppressed)) = ready {

@@ -172,12 +172,10 @@ fn batch(readings: Vec<Reading>) -> Batch {
 }
 
 /// `Database::write`, written again after a pause on a lock conflict, as the writer does (it
-/// spools the batch after 3 conflicts and replays it later; here it just keeps trying); then
-/// the rollup buckets the batch marked are recomputed, as the broker's flusher does within
-/// about a minute.
+/// spools the batch after 3 conflicts and replays it later; here it just keeps trying).
 async fn write(db: &Database, batch: &Batch) -> WriteOutcome {
     let mut attempts = 0;
-    let outcome = loop {
+    loop {
         match db.write(batch).await {
             Err(e) if is_conflict(&e) && attempts < 20 => {
                 attempts += 1;
@@ -185,65 +183,23 @@ async fn write(db: &Database, batch: &Batch) -> WriteOutcome {
             }
             written => break written.expect("write a batch"),
         }
-    };
-    let mut attempts = 0;
-    loop {
-        match db.flush_rollups().await {
-            Err(e) if is_conflict(&e) && attempts < 20 => {
-                attempts += 1;
-                tokio::time::sleep(Duration::from_millis(20 * attempts)).await;
-            }
-            flushed => {
-                flushed.expect("recompute the marked rollups");
-                break;
-            }
-        }
     }
-    outcome
-}
-
-/// `readings` as if they arrived `delay` after they were measured: up to 10 minutes they are
-/// live (rolled up after their minute), beyond that late (rolled up in their batch).
-fn arriving(readings: Vec<Reading>, delay: TimeDelta) -> Vec<Reading> {
-    readings
-        .into_iter()
-        .map(|r| Reading {
-            received_at: r.measured_at + delay,
-            ..r
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rollups_follow_live_readings_in_mariadb() {
+async fn rollups_follow_the_readings_in_mariadb() {
     let url = MariaDb::shared().create_database("rollups").await;
-    rollups_follow_the_readings(&url, TimeDelta::seconds(2)).await;
+    rollups_follow_the_readings(&url).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rollups_follow_live_readings_in_sqlite() {
+async fn rollups_follow_the_readings_in_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/co2.db?mode=rwc", dir.path().display());
-    rollups_follow_the_readings(&url, TimeDelta::seconds(2)).await;
+    rollups_follow_the_readings(&url).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rollups_follow_late_readings_in_mariadb() {
-    let url = MariaDb::shared().create_database("rollups_late").await;
-    rollups_follow_the_readings(&url, TimeDelta::days(3)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rollups_follow_late_readings_in_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}/co2.db?mode=rwc", dir.path().display());
-    rollups_follow_the_readings(&url, TimeDelta::days(3)).await;
-}
-
-/// Readings that all arrive `delay` after they were measured (the same delay for every batch:
-/// live readings and late ones take different paths, see `rollup_flush`).
-async fn rollups_follow_the_readings(url: &str, delay: TimeDelta) {
-    let readings = |device: &str, start, seqs| arriving(readings(device, start, seqs), delay);
+async fn rollups_follow_the_readings(url: &str) {
     let db = Database::connect(&DatabaseUrl::new(url), 4).await.unwrap();
     db.migrate().await.unwrap();
     let conn = db.connection();
@@ -421,11 +377,9 @@ async fn broker_keeps_rollups_through_redeliveries_and_late_readings(url: &str) 
     )
     .await;
     assert_eq!(broker.metrics.stored.load(Relaxed), 700);
-    // Minutes still running (some readings are minutes ahead) are recomputed at the latest a
-    // minute after their last reading, or at a clean stop.
-    broker.stop().await;
     let conn = db::connect(url).await;
     assert_rollups_match_readings(&conn, "through the broker").await;
+    broker.stop().await;
 }
 
 /// The database is SIGKILLed while readings arrive: what was spooled is replayed after it
@@ -491,8 +445,8 @@ async fn rollups_count_a_spool_replay_once() {
         broker.metrics.replayed.load(Relaxed) > 0,
         "the spool was replayed"
     );
-    broker.stop().await;
     assert_rollups_match_readings(&conn, "after a spool replay").await;
+    broker.stop().await;
     drop(mariadb);
 }
 
@@ -577,43 +531,24 @@ async fn a_refused_rollup_update_keeps_the_readings_in_sqlite() {
 }
 
 /// The database refuses the hour rollup (a real trigger, as a policy or an altered table
-/// would). Late readings (rolled up in their batch) are still stored, not rejected; once the
-/// trigger is gone, a rebuild brings their rollups back in line. Live readings (rolled up
-/// after their minute) keep their buckets marked while the recompute is refused, and catch up
-/// by themselves once it is accepted.
+/// would): the readings are still stored, not rejected; once the trigger is gone, a rebuild
+/// brings the rollups back in line.
 async fn a_refused_rollup_update_keeps_the_readings(url: &str, trigger: &str) {
     let db = Database::connect(&DatabaseUrl::new(url), 2).await.unwrap();
     db.migrate().await.unwrap();
     let conn = db.connection();
     conn.execute_unprepared(trigger).await.unwrap();
     let start = at("2026-12-01 23:40:00");
-    let late = arriving(readings("pi-r", start, 0..400), TimeDelta::days(2));
-    let outcome = write(&db, &batch(late)).await;
+    let outcome = write(&db, &batch(readings("pi-r", start, 0..400))).await;
     assert_eq!((outcome.stored, outcome.duplicates), (400, 0));
     assert_eq!(db::reading_count(conn).await, 400);
     assert!(db::rejections(conn).await.is_empty());
     assert!(stored(conn, Level::Hour).await.is_empty(), "refused");
 
-    let live = arriving(readings("pi-s", start, 0..200), TimeDelta::seconds(1));
-    let outcome = db.write(&batch(live)).await.unwrap();
-    assert_eq!(outcome.stored, 200);
-    let marked = db.pending_rollups().len();
-    assert!(
-        db.flush_rollups().await.is_err(),
-        "the trigger refuses the hours"
-    );
-    assert!(!db.pending_rollups().is_empty(), "hour buckets stay marked");
-    assert!(
-        db.pending_rollups().len() < marked,
-        "minute buckets were recomputed"
-    );
-
     conn.execute_unprepared("DROP TRIGGER refuse_hours")
         .await
         .unwrap();
-    db.flush_rollups().await.unwrap();
-    assert!(db.pending_rollups().is_empty());
-    rollups::rebuild(conn, start, start + TimeDelta::hours(1), Some("pi-r"))
+    rollups::rebuild(conn, start, start + TimeDelta::hours(1), None)
         .await
         .unwrap();
     assert_rollups_match_readings(conn, "rebuilt after the refusal").await;
@@ -666,62 +601,6 @@ async fn rebuild_while_batches_are_stored(url: &str) {
     assert_rollups_match_readings(db.connection(), "rebuilt while batches were stored").await;
 }
 
-/// A run that ended without a clean stop (here: readings written, their rollups never
-/// recomputed, the marker file left behind) is caught up by the next start: the broker rebuilds
-/// the rollups of the marked span, then removes the marker. A clean stop leaves none.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_start_after_an_unclean_stop_rebuilds_the_unfinished_rollups() {
-    let url = MariaDb::shared().create_database("rollups_unclean").await;
-    let db = Database::connect(&DatabaseUrl::new(&url), 2).await.unwrap();
-    db.migrate().await.unwrap();
-    let now = chrono::Utc::now().naive_utc();
-    let start = Level::Minute.bucket(now - TimeDelta::minutes(8));
-    // Live readings stored; the process "dies" before its flusher recomputed them.
-    let live = arriving(readings("pi-u", start, 0..40), TimeDelta::seconds(1));
-    db.write(&batch(live)).await.unwrap();
-    assert!(stored(db.connection(), Level::Minute).await.is_empty());
-
-    let dir = tempfile::tempdir().unwrap();
-    let setup = crate::support::broker::config_file(dir.path(), &url, "");
-    std::fs::create_dir_all(&setup.data_dir).unwrap();
-    let marker = setup.data_dir.join("rollups.pending");
-    std::fs::write(
-        &marker,
-        format!("{}\n", start.format("%Y-%m-%d %H:%M:%S%.3f")),
-    )
-    .unwrap();
-
-    let broker = TestBroker::start_in(setup).await;
-    let conn = db::connect(&url).await;
-    eventually(Duration::from_secs(20), "rollups rebuilt", || async {
-        (stored(&conn, Level::Minute).await.len() == expected(&conn, Level::Minute).await.len())
-            .then_some(())
-    })
-    .await;
-    assert_rollups_match_readings(&conn, "rebuilt after an unclean stop").await;
-    eventually(Duration::from_secs(10), "marker removed", || async {
-        (!marker.exists()).then_some(())
-    })
-    .await;
-
-    // Live readings through the broker, then a clean stop: recomputed, no marker left.
-    let now_ms = chrono::Utc::now().timestamp_millis();
-    mqtt::publish_all(
-        broker.setup.v4,
-        "pi-u2".into(),
-        QoS::AtLeastOnce,
-        payloads("pi-u2", now_ms - 30_000, 0..5),
-    )
-    .await;
-    eventually(Duration::from_secs(10), "5 readings stored", || async {
-        (broker.metrics.stored.load(Relaxed) == 5).then_some(())
-    })
-    .await;
-    broker.stop().await;
-    assert!(!marker.exists(), "a clean stop leaves no marker");
-    assert_rollups_match_readings(&conn, "after a clean stop").await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_from_before_the_rollup_tables_get_rollups_in_the_background_in_mariadb() {
     let url = MariaDb::shared().create_database("rollups_backfill").await;
@@ -746,8 +625,9 @@ async fn readings_from_before_the_rollup_tables_get_rollups_in_the_background(ur
     for (device, from) in [("pi-old", start), ("pi-older", start - TimeDelta::days(3))] {
         // Stored by a broker of before the rollups (here: the rollup tables do not exist yet,
         // so the readings are stored without them).
-        let rows = arriving(readings(device, from, 0..600), TimeDelta::days(10));
-        db.write(&batch(rows)).await.unwrap();
+        db.write(&batch(readings(device, from, 0..600)))
+            .await
+            .unwrap();
     }
     assert_eq!(db::reading_count(&conn).await, 1_200);
 
