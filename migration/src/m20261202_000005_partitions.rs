@@ -84,9 +84,12 @@ pub(crate) async fn oldest(
     table: &str,
     column: &str,
 ) -> Result<Option<NaiveDateTime>, DbErr> {
+    // ORDER BY … LIMIT 1, not MIN(): in a dependent subquery MariaDB reads every row of the
+    // device for a MIN, but only the first index entry for this.
     let sql = format!(
-        "SELECT MIN(oldest) AS oldest FROM (SELECT (SELECT MIN(t.{column}) FROM {table} t \
-         WHERE t.device_id = d.device_id) AS oldest FROM devices d) per_device"
+        "SELECT MIN(oldest) AS oldest FROM (SELECT (SELECT t.{column} FROM {table} t \
+         WHERE t.device_id = d.device_id AND t.{column} IS NOT NULL \
+         ORDER BY t.{column} LIMIT 1) AS oldest FROM devices d) per_device"
     );
     let row = db
         .query_one_raw(Statement::from_string(db.get_database_backend(), sql))

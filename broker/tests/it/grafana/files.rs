@@ -271,7 +271,11 @@ pub fn problems(p: &Provisioning) -> Vec<String> {
                     problem(format!("{at}: variable {name} has no query"));
                 }
             }
-            let used = all_sql.iter().any(|sql| sql.contains(&format!("${name}")))
+            // `$name`, `${name}`, `${name:format}`.
+            let referenced = |sql: &str| {
+                sql.contains(&format!("${name}")) || sql.contains(&format!("${{{name}"))
+            };
+            let used = all_sql.iter().any(|sql| referenced(sql))
                 || panels(d).iter().any(|p| {
                     p["title"]
                         .as_str()

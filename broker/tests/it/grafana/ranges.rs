@@ -3,7 +3,8 @@
 //! production), each panel rendered for 6 hours, 7 days and 90 days runs on MariaDB as the
 //! read-only account, reads exactly the table its range calls for (the other branches are
 //! "Impossible WHERE" in the plan, so MariaDB never touches them), and returns the same series
-//! as the same panel computed from the raw rows.
+//! as the same panel computed from the raw rows. With retention, narrow ranges from before the
+//! oldest raw row (or minute rollup) read the next coarser table instead.
 
 use std::time::Duration;
 
@@ -98,9 +99,32 @@ fn raw_only(sql: &str) -> String {
         .split("\nUNION ALL\n")
         .next()
         .expect("a first branch")
-        .replace("${__to} - ${__from} <= 86400000\n  AND ", "");
+        .replace("${__to} - ${__from} <= 86400000\n  AND ", "")
+        .replace("${__from} >= ${raw_since}\n  AND ", "");
     assert!(raw.contains("FROM co2_emissions"), "raw branch: {raw}");
     format!("{raw}\nORDER BY 1")
+}
+
+/// The hidden variables that say since when raw rows and minute rollups are stored, as
+/// Grafana fills them: by running their queries.
+async fn since_variables(
+    conn: &mut MySqlConnection,
+    dashboard: &Value,
+) -> Vec<(String, VariableValue)> {
+    let mut out = Vec::new();
+    for name in ["raw_since", "minute_since"] {
+        let variable = super::files::list(&dashboard["templating"]["list"])
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no variable {name}"));
+        let sql = variable["query"].as_str().expect("query");
+        let frame = frame::query(conn, sql)
+            .await
+            .unwrap_or_else(|e| panic!("variable {name}: {e}\n{sql}"));
+        let value = frame.rows[0][0].clone().expect("a value");
+        out.push((name.to_owned(), VariableValue::Single(value)));
+    }
+    out
 }
 
 /// The tables a query's plan reads (derived tables like `<union1,2,3>` left out). A branch
@@ -171,6 +195,7 @@ async fn long_ranges_read_the_rollups_and_match_the_raw_series() {
     let url = read_only_account(&mut admin, &url).await;
     admin.close().await.ok();
     let mut conn = grafana_session(&url, provisioning.datasource()).await;
+    let since = since_variables(&mut conn, dashboard).await;
 
     // (range, the interval Grafana picks for it on a ~1000 px panel, the table to read).
     let cases = [
@@ -191,10 +216,13 @@ async fn long_ranges_read_the_rollups_and_match_the_raw_series() {
                     to: anchor(),
                 },
                 interval: Duration::from_secs(interval_s),
-                variables: vec![(
-                    "device".into(),
+                variables: [(
+                    "device".to_owned(),
                     VariableValue::Multi(DEVICES.map(String::from).to_vec()),
-                )],
+                )]
+                .into_iter()
+                .chain(since.iter().cloned())
+                .collect(),
             };
             let what = format!("{title} over {length}");
             let rendered = render(sql, &scope).unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -225,6 +253,102 @@ async fn long_ranges_read_the_rollups_and_match_the_raw_series() {
                     .unwrap_or_else(|e| panic!("{what} raw: {e}\n{reference}"));
                 assert_same_series(&series, &raw, &what);
             }
+        }
+    }
+}
+
+/// With retention, raw rows and minute rollups end somewhere in the past. A narrow range from
+/// before that point reads the finest table that still covers it (the `raw_since` and
+/// `minute_since` variables), not the table its width alone would pick, and shows the same
+/// series the raw rows gave before they were dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn narrow_ranges_older_than_the_retention_read_the_rollups() {
+    let provisioning = Provisioning::load();
+    let dashboard: &Value = &provisioning
+        .dashboards
+        .iter()
+        .find(|f| f.content["uid"] == "co2-overview")
+        .expect("the CO2 overview dashboard")
+        .content;
+    let admin_url = stored_database().await;
+    let mut admin = MySqlConnection::connect(&admin_url).await.expect("connect");
+    let url = read_only_account(&mut admin, &admin_url).await;
+    let mut conn = grafana_session(&url, provisioning.datasource()).await;
+
+    // (6 hours ending this long before the anchor, interval, table once retention has run).
+    let cases = [
+        (TimeDelta::days(45), 60, "co2_rollup_minute"),
+        (TimeDelta::days(80), 3_600, "co2_rollup_hour"),
+    ];
+    let scope = |ago: TimeDelta, interval_s: u64, since: &[(String, VariableValue)]| Scope {
+        // Ending a second before the hour, as the raw rows after it are still there: a
+        // rollup bucket starting at the range's end would hold readings the raw filter leaves out.
+        range: TimeRange {
+            from: anchor() - ago - TimeDelta::hours(6),
+            to: anchor() - ago - TimeDelta::seconds(1),
+        },
+        interval: Duration::from_secs(interval_s),
+        variables: [(
+            "device".to_owned(),
+            VariableValue::Multi(DEVICES.map(String::from).to_vec()),
+        )]
+        .into_iter()
+        .chain(since.iter().cloned())
+        .collect(),
+    };
+    let before = since_variables(&mut conn, dashboard).await;
+    let mut references = Vec::new();
+    for title in ROLLUP_PANELS {
+        let panel = panels(dashboard)
+            .into_iter()
+            .find(|p| p["title"] == title)
+            .unwrap_or_else(|| panic!("no panel {title:?}"));
+        let sql = panel["targets"][0]["rawSql"]
+            .as_str()
+            .expect("rawSql")
+            .to_owned();
+        for (ago, interval_s, _) in cases {
+            let rendered = render(&sql, &scope(ago, interval_s, &before)).unwrap();
+            assert_eq!(tables_read(&mut conn, &rendered).await, ["co2_emissions"]);
+            let series = frame::query(&mut conn, &rendered).await.unwrap();
+            assert!(!series.rows.is_empty(), "{title}: readings {ago} ago");
+            references.push((title, sql.clone(), series));
+        }
+    }
+
+    // Retention: raw rows kept 30 days, minute rollups 60 (as of the anchor).
+    let cutoff = |days: i64| (anchor() - TimeDelta::days(days)).format("'%Y-%m-%d %H:%M:%S'");
+    execute(
+        &mut admin,
+        &format!("DELETE FROM co2_emissions WHERE date_time < {}", cutoff(30)),
+    )
+    .await;
+    execute(
+        &mut admin,
+        &format!(
+            "DELETE FROM co2_rollup_minute WHERE bucket_start < {}",
+            cutoff(60)
+        ),
+    )
+    .await;
+    admin.close().await.ok();
+
+    let after = since_variables(&mut conn, dashboard).await;
+    let mut references = references.into_iter();
+    for _ in ROLLUP_PANELS {
+        for (ago, interval_s, table) in cases {
+            let (title, sql, reference) = references.next().unwrap();
+            let what = format!("{title}, 6 hours {ago} ago");
+            let rendered = render(&sql, &scope(ago, interval_s, &after)).unwrap();
+            assert_eq!(
+                tables_read(&mut conn, &rendered).await,
+                vec![table.to_owned()],
+                "{what}: tables in the plan\n{rendered}"
+            );
+            let series = frame::query(&mut conn, &rendered)
+                .await
+                .unwrap_or_else(|e| panic!("{what}: {e}\n{rendered}"));
+            assert_same_series(&series, &reference, &what);
         }
     }
 }
