@@ -5,13 +5,15 @@
 //! "Dashboard speed" shows.
 //!
 //! **What is loaded** (sizes from `PANEL_BENCH_*`, see [`Sizes`]). A year of 100 devices at
-//! 10 s is 315 M readings (~50 GB with indexes at the ~170 B per row measured here), hours of
+//! 10 s is 315 M readings (~55 GB with indexes at the 173 B per row measured here), hours of
 //! loading on this machine, so by default only what the dashboard can read at a cost that grows
 //! with the data is loaded in full, the rest is synthesised where it is read:
 //! - raw readings (`co2_emissions`), every device every 10 s, for the last `RAW_DAYS` (14) days:
-//!   the raw branch of "CO2 per device" and "Readings per minute" serves ranges up to 1 day;
-//!   the other raw-row panels (latest value, recent readings, the CO2 alert) read only the
-//!   newest rows through an index, whatever the range (their `EXPLAIN` is printed to check);
+//!   the raw branch of "CO2 per device" and "Readings per minute" serves ranges up to 1 day,
+//!   and with 14 days MariaDB plans a 1-day range as a range scan of the `date_time` index as
+//!   it would on a year (with 7 it scanned the table); the other raw-row queries (latest
+//!   value, recent readings, the silent panel's "Last measured", the CO2 alert) read only the
+//!   newest entries of an index, whatever the range (their `EXPLAIN` is printed to check);
 //! - `co2_rollup_minute` for the last `MINUTE_DAYS` (30) days (the minute branch serves
 //!   ranges up to 14 days): computed from the raw rows by the broker's own
 //!   `rollups::rebuild` where raw rows exist, synthesised before that (6 readings a minute);
@@ -28,8 +30,11 @@
 //!
 //! **What is timed**: each query rendered exactly as Grafana sends it ([`render`]), with the
 //! interval Grafana picks for the panel's width ([`grafana_interval`]), run as the read-only
-//! account of grafana/README.md over a session like the data source's; once right after the
-//! load ("first") and then `RUNS` (5) times ("median"), with Device = All and with one device.
+//! account of grafana/README.md over a session like the data source's; once after a clean
+//! restart of the loaded server (empty buffer pool; the OS may still cache the files: "first")
+//! and then `RUNS` (5) times ("median"), with Device = All and with one device. A query whose
+//! `GROUP BY` or sort spilled an internal temporary table to disk is flagged: that is what
+//! makes the many-series queries slow at MariaDB's default 16 MB in-memory limit.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
