@@ -5,12 +5,12 @@
 //! "Dashboard speed" shows.
 //!
 //! **What is loaded** (sizes from `PANEL_BENCH_*`, see [`Sizes`]). A year of 100 devices at
-//! 10 s is 315 M readings (~55 GB with indexes at the 173 B per row measured here), hours of
+//! 10 s is 315 M readings (~57 GB with indexes at the 181 B per row measured here), hours of
 //! loading on this machine, so by default only what the dashboard can read at a cost that grows
 //! with the data is loaded in full, the rest is synthesised where it is read:
 //! - raw readings (`co2_emissions`), every device every 10 s, for the last `RAW_DAYS` (14) days:
 //!   the raw branch of "CO2 per device" and "Readings per minute" serves ranges up to 1 day,
-//!   and with 14 days MariaDB plans a 1-day range as a range scan of the `date_time` index as
+//!   and with 14 days MariaDB plans a 1-day range as an index range scan as
 //!   it would on a year (with 7 it scanned the table); the other raw-row queries (latest
 //!   value, recent readings, the silent panel's "Last measured", the CO2 alert) read only the
 //!   newest entries of an index, whatever the range (their `EXPLAIN` is printed to check);
