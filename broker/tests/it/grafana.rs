@@ -6,6 +6,7 @@
 
 mod files;
 mod frame;
+mod panel_bench;
 mod ranges;
 mod render;
 

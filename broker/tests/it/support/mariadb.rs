@@ -20,6 +20,9 @@ pub struct MariaDb {
     dir: tempfile::TempDir,
     port: u16,
     guard: Option<Child>,
+    /// `mariadbd` options given after the harness's own, so they override them (the server
+    /// takes the last value of an option).
+    extra_options: Vec<String>,
 }
 
 static SHARED: OnceLock<MariaDb> = OnceLock::new();
@@ -58,6 +61,12 @@ impl MariaDb {
 
     /// A server of one's own, for tests that kill it.
     pub fn start() -> MariaDb {
+        MariaDb::start_with(&[])
+    }
+
+    /// A server of one's own with extra `mariadbd` options, e.g. a buffer pool larger than the
+    /// tests' 256 MB for the dashboard benchmark.
+    pub fn start_with(extra_options: &[&str]) -> MariaDb {
         let dir = tempfile::Builder::new()
             .prefix("co2-mariadb-")
             .tempdir()
@@ -71,6 +80,7 @@ impl MariaDb {
             dir,
             port: super::free_port(),
             guard: None,
+            extra_options: extra_options.iter().map(|o| (*o).to_owned()).collect(),
         };
         server.launch();
         server
@@ -96,6 +106,7 @@ impl MariaDb {
             .arg("--skip-log-bin")
             .arg("--innodb-buffer-pool-size=256M")
             .arg("--max-connections=500")
+            .args(&self.extra_options)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -164,9 +175,31 @@ impl MariaDb {
         }
     }
 
+    /// Stops the server cleanly (SIGTERM, as `systemctl stop` does): InnoDB flushes and closes
+    /// its files, and the server removes its pid file last, which this waits for.
+    pub fn stop(&mut self) {
+        let pid_file = self.dir.path().join("mysqld.pid");
+        let pid = std::fs::read_to_string(&pid_file).expect("pid file");
+        let status = Command::new("kill")
+            .arg(pid.trim())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill mariadbd");
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        while pid_file.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "MariaDB did not stop within 5 minutes; see {}",
+                self.dir.path().join("error.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.release_guard();
+    }
+
     /// Starts the server again on the same data dir and port (crash recovery included).
     pub fn restart(&mut self) {
-        assert!(self.guard.is_none(), "restart after kill");
+        assert!(self.guard.is_none(), "restart after kill or stop");
         self.launch();
     }
 }
