@@ -172,7 +172,8 @@ impl Settings {
                 "must be greater than co2.min_co2_ppm",
             ));
         }
-        // Dashboards read raw readings for ranges up to a day and minute rollups up to 14 days.
+        // Dashboards read raw readings for ranges up to 6 hours and minute rollups up to 3 days
+        // (grafana/README.md); the limits leave a day beyond each.
         let retention = [
             (
                 "co2.raw_retention_days",
