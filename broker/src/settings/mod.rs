@@ -179,13 +179,13 @@ impl Settings {
                 "co2.raw_retention_days",
                 i.raw_retention_days,
                 2,
-                "a day of raw readings",
+                "6 hours of raw readings",
             ),
             (
                 "co2.minute_rollup_retention_days",
                 i.minute_rollup_retention_days,
-                15,
-                "14 days of minute rollups",
+                4,
+                "3 days of minute rollups",
             ),
             (
                 "co2.hour_rollup_retention_days",
