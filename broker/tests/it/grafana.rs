@@ -421,6 +421,21 @@ async fn dashboard_failures(
 }
 
 /// The dashboard's default range (`now-6h` to `now`) around the seed.
+/// What an alert rule's data query is rendered against at `now`: its relative time range and
+/// interval. Alert rules cannot use dashboard variables: none are defined.
+fn alert_scope(query: &Value, now: DateTime<Utc>) -> Scope {
+    let relative = &query["relativeTimeRange"];
+    let seconds = |key: &str| chrono::Duration::seconds(relative[key].as_i64().unwrap_or(0));
+    Scope {
+        range: TimeRange {
+            from: now - seconds("from"),
+            to: now - seconds("to"),
+        },
+        interval: Duration::from_millis(query["model"]["intervalMs"].as_u64().unwrap_or(60_000)),
+        variables: Vec::new(),
+    }
+}
+
 fn six_hours_before(now: DateTime<Utc>) -> TimeRange {
     TimeRange {
         from: now - chrono::Duration::hours(6),
@@ -463,20 +478,7 @@ async fn alert_rules_fire_for_exactly_the_seeded_culprits() {
             .iter()
             .filter(|q| q["datasourceUid"] == files::DATASOURCE_UID)
         {
-            let relative = &query["relativeTimeRange"];
-            let seconds =
-                |key: &str| chrono::Duration::seconds(relative[key].as_i64().unwrap_or(0));
-            let scope = Scope {
-                range: TimeRange {
-                    from: now - seconds("from"),
-                    to: now - seconds("to"),
-                },
-                interval: Duration::from_millis(
-                    query["model"]["intervalMs"].as_u64().unwrap_or(60_000),
-                ),
-                // Alert rules cannot use dashboard variables: none are defined here.
-                variables: Vec::new(),
-            };
+            let scope = alert_scope(query, now);
             let sql = query["model"]["rawSql"].as_str().unwrap_or_default();
             let rendered = render(sql, &scope).unwrap_or_else(|e| panic!("alert {uid}: {e}"));
             for mode in SQL_MODES {

@@ -386,7 +386,9 @@ async fn table_sizes(conn: &mut MySqlConnection) -> String {
             "co2_emissions" => "date_time",
             "co2_rollup_minute" | "co2_rollup_hour" => "bucket_start",
             "rejected_messages" => "received_at",
-            _ => "last_seen",
+            "devices" => "last_seen",
+            "rollup_backfill" => "readings_to",
+            _ => continue,
         };
         let counted = frame::query(
             conn,
@@ -792,18 +794,7 @@ async fn panel_bench() {
             .iter()
             .filter(|q| q["datasourceUid"] == DATASOURCE_UID)
         {
-            let relative = &query["relativeTimeRange"];
-            let seconds = |key: &str| TimeDelta::seconds(relative[key].as_i64().unwrap_or(0));
-            let scope = Scope {
-                range: TimeRange {
-                    from: now - seconds("from"),
-                    to: now - seconds("to"),
-                },
-                interval: Duration::from_millis(
-                    query["model"]["intervalMs"].as_u64().unwrap_or(60_000),
-                ),
-                variables: Vec::<(String, VariableValue)>::new(),
-            };
+            let scope = super::alert_scope(query, now);
             let rendered = render(
                 query["model"]["rawSql"].as_str().unwrap_or_default(),
                 &scope,
@@ -814,7 +805,7 @@ async fn panel_bench() {
             let _ = writeln!(
                 out,
                 "| {uid} | {} s | {} |",
-                seconds("from").num_seconds(),
+                (scope.range.to - scope.range.from).num_seconds(),
                 cell(&timing)
             );
         }

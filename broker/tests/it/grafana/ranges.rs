@@ -105,6 +105,41 @@ fn raw_only(sql: &str) -> String {
     format!("{raw}\nORDER BY 1")
 }
 
+/// The CO2 overview dashboard.
+fn overview(provisioning: &Provisioning) -> &Value {
+    &provisioning
+        .dashboards
+        .iter()
+        .find(|f| f.content["uid"] == "co2-overview")
+        .expect("the CO2 overview dashboard")
+        .content
+}
+
+/// The stored readings of [`stored_database`], with an admin connection and a Grafana session
+/// (the read-only account, the data source's session settings).
+async fn stored_sessions(provisioning: &Provisioning) -> (MySqlConnection, MySqlConnection) {
+    let admin_url = stored_database().await;
+    let mut admin = MySqlConnection::connect(&admin_url).await.expect("connect");
+    let url = read_only_account(&mut admin, &admin_url).await;
+    let conn = grafana_session(&url, provisioning.datasource()).await;
+    (admin, conn)
+}
+
+/// `range` at `interval_s` with every device selected and the `since` variables.
+fn every_device(range: TimeRange, interval_s: u64, since: &[(String, VariableValue)]) -> Scope {
+    Scope {
+        range,
+        interval: Duration::from_secs(interval_s),
+        variables: [(
+            "device".to_owned(),
+            VariableValue::Multi(DEVICES.map(String::from).to_vec()),
+        )]
+        .into_iter()
+        .chain(since.iter().cloned())
+        .collect(),
+    }
+}
+
 /// The hidden variables that say since when raw rows and minute rollups are stored, as
 /// Grafana fills them: by running their queries.
 async fn since_variables(
@@ -184,17 +219,9 @@ fn assert_same_series(from_panel: &Frame, from_raw: &Frame, what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_ranges_read_the_rollups_and_match_the_raw_series() {
     let provisioning = Provisioning::load();
-    let dashboard: &Value = &provisioning
-        .dashboards
-        .iter()
-        .find(|f| f.content["uid"] == "co2-overview")
-        .expect("the CO2 overview dashboard")
-        .content;
-    let url = stored_database().await;
-    let mut admin = MySqlConnection::connect(&url).await.expect("connect");
-    let url = read_only_account(&mut admin, &url).await;
+    let dashboard = overview(&provisioning);
+    let (admin, mut conn) = stored_sessions(&provisioning).await;
     admin.close().await.ok();
-    let mut conn = grafana_session(&url, provisioning.datasource()).await;
     let since = since_variables(&mut conn, dashboard).await;
 
     // (range, a bucket interval (at least the 10 minutes between the sparse readings beyond the
@@ -211,20 +238,11 @@ async fn long_ranges_read_the_rollups_and_match_the_raw_series() {
             .unwrap_or_else(|| panic!("no panel {title:?}"));
         let sql = panel["targets"][0]["rawSql"].as_str().expect("rawSql");
         for (length, interval_s, table) in cases {
-            let scope = Scope {
-                range: TimeRange {
-                    from: anchor() - length,
-                    to: anchor(),
-                },
-                interval: Duration::from_secs(interval_s),
-                variables: [(
-                    "device".to_owned(),
-                    VariableValue::Multi(DEVICES.map(String::from).to_vec()),
-                )]
-                .into_iter()
-                .chain(since.iter().cloned())
-                .collect(),
+            let range = TimeRange {
+                from: anchor() - length,
+                to: anchor(),
             };
+            let scope = every_device(range, interval_s, &since);
             let what = format!("{title} over {length}");
             let rendered = render(sql, &scope).unwrap_or_else(|e| panic!("{what}: {e}"));
             assert_eq!(
@@ -265,37 +283,22 @@ async fn long_ranges_read_the_rollups_and_match_the_raw_series() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn narrow_ranges_older_than_the_retention_read_the_rollups() {
     let provisioning = Provisioning::load();
-    let dashboard: &Value = &provisioning
-        .dashboards
-        .iter()
-        .find(|f| f.content["uid"] == "co2-overview")
-        .expect("the CO2 overview dashboard")
-        .content;
-    let admin_url = stored_database().await;
-    let mut admin = MySqlConnection::connect(&admin_url).await.expect("connect");
-    let url = read_only_account(&mut admin, &admin_url).await;
-    let mut conn = grafana_session(&url, provisioning.datasource()).await;
+    let dashboard = overview(&provisioning);
+    let (mut admin, mut conn) = stored_sessions(&provisioning).await;
 
     // (6 hours ending this long before the anchor, interval, table once retention has run).
     let cases = [
         (TimeDelta::days(45), 60, "co2_rollup_minute"),
         (TimeDelta::days(80), 3_600, "co2_rollup_hour"),
     ];
-    let scope = |ago: TimeDelta, interval_s: u64, since: &[(String, VariableValue)]| Scope {
+    let scope = |ago: TimeDelta, interval_s: u64, since: &[(String, VariableValue)]| {
         // Ending a second before the hour, as the raw rows after it are still there: a
         // rollup bucket starting at the range's end would hold readings the raw filter leaves out.
-        range: TimeRange {
+        let range = TimeRange {
             from: anchor() - ago - TimeDelta::hours(6),
             to: anchor() - ago - TimeDelta::seconds(1),
-        },
-        interval: Duration::from_secs(interval_s),
-        variables: [(
-            "device".to_owned(),
-            VariableValue::Multi(DEVICES.map(String::from).to_vec()),
-        )]
-        .into_iter()
-        .chain(since.iter().cloned())
-        .collect(),
+        };
+        every_device(range, interval_s, since)
     };
     let before = since_variables(&mut conn, dashboard).await;
     let mut references = Vec::new();
