@@ -9,16 +9,16 @@
 //! loading on this machine, so by default only what the dashboard can read at a cost that grows
 //! with the data is loaded in full, the rest is synthesised where it is read:
 //! - raw readings (`co2_emissions`), every device every 10 s, for the last `RAW_DAYS` (14) days:
-//!   the raw branch of "CO2 per device" and "Readings per minute" serves ranges up to 1 day,
-//!   and with 14 days MariaDB plans a 1-day range as an index range scan as
-//!   it would on a year (with 7 it scanned the table); the other raw-row queries (latest
+//!   the raw branch of "CO2 per device" and "Readings per minute" serves ranges up to 6 hours
+//!   (1 day in the first dashboard: with 14 days MariaDB planned a 1-day range as an index
+//!   range scan as it would on a year; with 7 it scanned the table); the other raw-row queries (latest
 //!   value, recent readings, the silent panel's "Last measured", the CO2 alert) read only the
 //!   newest entries of an index, whatever the range (their `EXPLAIN` is printed to check);
 //! - `co2_rollup_minute` for the last `MINUTE_DAYS` (30) days (the minute branch serves
-//!   ranges up to 14 days): computed from the raw rows by the broker's own
+//!   ranges up to 3 days): computed from the raw rows by the broker's own
 //!   `rollups::rebuild` where raw rows exist, synthesised before that (6 readings a minute);
 //! - `co2_rollup_hour` for the last `HOUR_DAYS` (365) days (the hour branch serves ranges
-//!   beyond 14 days): from `rebuild` over the raw days, from the synthesised minute rows by
+//!   beyond 3 days): from `rebuild` over the raw days, from the synthesised minute rows by
 //!   the broker's `rollups::recompute`, and synthesised directly before the minute rows;
 //! - `devices` (every 25th device silent for 2 hours, the others seen at the end of the load)
 //!   and one rejected message every 10 minutes over the year.
