@@ -59,6 +59,15 @@ fn mysql_error_number(error: &DbErr) -> Option<u16> {
         .map(MySqlDatabaseError::number)
 }
 
+/// True when `error` says a table does not exist (MySQL 1146, SQLite "no such table"): the
+/// schema is older than this broker (migrations pending, or turned off and not run by hand).
+pub fn is_missing_table(error: &DbErr) -> bool {
+    mysql_error_number(error) == Some(1146)
+        || sqlx_error(error)
+            .and_then(|e| e.as_database_error())
+            .is_some_and(|e| e.message().starts_with("no such table"))
+}
+
 /// True when `error` means the database cannot be reached (down, restarting, network, or a
 /// Galera node outside the primary component), as opposed to refusing what was asked (bad
 /// credentials, SQL errors).

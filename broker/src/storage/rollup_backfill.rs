@@ -17,7 +17,7 @@ use chrono::{NaiveDateTime, TimeDelta, Utc};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, Statement};
 use tokio_util::sync::CancellationToken;
 
-use super::database::is_unreachable;
+use super::database::{is_missing_table, is_unreachable};
 use super::retention;
 use super::rollups;
 
@@ -93,6 +93,7 @@ pub async fn step(
 /// Steps until the span is done or `stop`.
 pub async fn run(db: DatabaseConnection, raw_retention_days: u32, stop: CancellationToken) {
     let mut announced = false;
+    let mut told_missing = false;
     loop {
         let began = Instant::now();
         let outcome = tokio::select! {
@@ -117,6 +118,15 @@ pub async fn run(db: DatabaseConnection, raw_retention_days: u32, stop: Cancella
                 began.elapsed().max(MIN_REST)
             }
             Err(e) if is_unreachable(&e) => RETRY_AWAY,
+            // The schema is not migrated yet (the database was away at start, or migrations
+            // are run by hand): the table comes with migration 6.
+            Err(e) if is_missing_table(&e) => {
+                if !told_missing {
+                    tracing::warn!(error = %e, "rollup backfill waits for migration 6; trying again in 5 minutes");
+                    told_missing = true;
+                }
+                RETRY_FAILED
+            }
             Err(e) => {
                 tracing::error!(error = %e, "filling old rollups failed; trying again in 5 minutes");
                 RETRY_FAILED

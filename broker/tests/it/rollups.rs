@@ -11,7 +11,7 @@ use std::time::Duration;
 use chrono::{NaiveDateTime, TimeDelta};
 use co2_broker::ingest::{Batch, Reading};
 use co2_broker::settings::DatabaseUrl;
-use co2_broker::storage::database::is_conflict;
+use co2_broker::storage::database::{is_conflict, is_missing_table};
 use co2_broker::storage::rollup_backfill;
 use co2_broker::storage::rollups::{self, Level};
 use co2_broker::storage::{Database, WriteOutcome};
@@ -630,6 +630,9 @@ async fn readings_from_before_the_rollup_tables_get_rollups_in_the_background(ur
             .unwrap();
     }
     assert_eq!(db::reading_count(&conn).await, 1_200);
+    // Before migration 6 the backfill finds no table, and says so (it waits, not fails).
+    let missing = rollup_backfill::remaining(&conn).await.unwrap_err();
+    assert!(is_missing_table(&missing), "{missing}");
 
     let broker = TestBroker::start(url).await;
     eventually(Duration::from_secs(30), "backfill done", || async {
