@@ -6,7 +6,7 @@
 //! against the configured database while the broker keeps running: each day of the range is
 //! one transaction, and batches stored meanwhile wait for it or are read by it.
 
-use chrono::{NaiveDate, NaiveDateTime, TimeDelta};
+use chrono::{NaiveDate, NaiveDateTime};
 
 use crate::settings::IngestSettings;
 use crate::storage::retention;
@@ -59,17 +59,16 @@ impl RebuildRange {
         raw_retention_days: u32,
         now: NaiveDateTime,
     ) -> Result<(), String> {
-        if raw_retention_days == 0 {
+        let Some(first) = retention::first_rebuildable_hour(now, raw_retention_days) else {
             return Ok(());
-        }
-        let horizon = retention::horizon(now, raw_retention_days);
-        // The rebuild widens the range to whole hours.
-        let first_whole_hour =
-            Level::Hour.bucket(horizon + Level::Hour.width() - TimeDelta::milliseconds(1));
-        if Level::Hour.bucket(self.from) < horizon {
+        };
+        if Level::Hour.bucket(self.from) < first {
             return Err(format!(
-                "--from {} reaches before the raw readings still kept (co2.raw_retention_days = {raw_retention_days}:                  from {horizon}); the rollups there cannot be recomputed and would be erased.                  Use --from {first_whole_hour} or later",
-                self.from
+                "--from {} reaches before the raw readings still kept (co2.raw_retention_days = {raw_retention_days}: \
+                 from {}); the rollups there cannot be recomputed and would be erased. \
+                 Use --from {first} or later",
+                self.from,
+                retention::horizon(now, raw_retention_days)
             ));
         }
         Ok(())

@@ -66,12 +66,13 @@ pub fn month_start(date: NaiveDate) -> NaiveDate {
     date.with_day(1).expect("every month has a first day")
 }
 
-/// The name of the partition whose rows start at `start`.
-pub fn partition_name(start: NaiveDateTime) -> String {
-    if start.time() == NaiveTime::MIN {
-        start.format("p%Y%m%d").to_string()
-    } else {
-        start.format("p%Y%m%d%H%M%S").to_string()
+/// The name of the partition whose rows start at `start`; [`START_PARTITION`] for the first
+/// one, which has no start.
+pub fn partition_name(start: Option<NaiveDateTime>) -> String {
+    match start {
+        None => START_PARTITION.to_owned(),
+        Some(start) if start.time() == NaiveTime::MIN => start.format("p%Y%m%d").to_string(),
+        Some(start) => start.format("p%Y%m%d%H%M%S").to_string(),
     }
 }
 
@@ -99,9 +100,9 @@ pub fn parse_bound(description: &str) -> Result<Option<NaiveDateTime>, String> {
 /// `PARTITION name VALUES LESS THAN (bound)` for the partition `[start, bound)`, or `p_start`
 /// when it has no start.
 pub fn partition_clause(start: Option<NaiveDateTime>, bound: NaiveDateTime) -> String {
-    let name = start.map_or_else(|| START_PARTITION.to_owned(), partition_name);
     format!(
-        "PARTITION {name} VALUES LESS THAN ({})",
+        "PARTITION {} VALUES LESS THAN ({})",
+        partition_name(start),
         bound_literal(bound)
     )
 }
@@ -147,7 +148,11 @@ mod tests {
         assert_eq!(parse_bound("'2026-12-01'"), Ok(Some(t)));
         assert_eq!(parse_bound("MAXVALUE"), Ok(None));
         assert!(parse_bound("TO_DAYS(x)").is_err());
-        assert_eq!(partition_name(t), "p20261201");
-        assert_eq!(partition_name(at("2026-12-01 06:00:00")), "p20261201060000");
+        assert_eq!(partition_name(Some(t)), "p20261201");
+        assert_eq!(
+            partition_name(Some(at("2026-12-01 06:00:00"))),
+            "p20261201060000"
+        );
+        assert_eq!(partition_name(None), "p_start");
     }
 }

@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use chrono::{NaiveDateTime, NaiveTime, TimeDelta, Utc};
 use migration::partitions::{
-    future_clause, parse_bound, partition_clause, PartitionedTable, Width, HOUR_ROLLUPS,
-    MINUTE_ROLLUPS, READINGS,
+    future_clause, parse_bound, partition_clause, partition_name, PartitionedTable, Width,
+    HOUR_ROLLUPS, MINUTE_ROLLUPS, READINGS,
 };
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, TransactionTrait, Value,
@@ -31,6 +31,7 @@ use sea_orm::{
 use tokio_util::sync::CancellationToken;
 
 use super::database::{is_conflict, is_unreachable};
+use super::rollups::Level;
 use crate::metrics::IngestMetrics;
 use crate::settings::IngestSettings;
 
@@ -85,6 +86,24 @@ impl RetentionPolicy {
 /// The oldest time whose rows `retention_days` guarantees are still there at `now`.
 pub fn horizon(now: NaiveDateTime, retention_days: u32) -> NaiveDateTime {
     now - TimeDelta::days(retention_days.into())
+}
+
+/// The first whole hour whose raw readings `raw_retention_days` (0: forever) still keeps at
+/// `now`: rollups can be rebuilt from there on (a rebuild widens its range to whole hours).
+/// Before it, the rollups may be all that is left of the readings. `None`: no limit.
+pub fn first_rebuildable_hour(
+    now: NaiveDateTime,
+    raw_retention_days: u32,
+) -> Option<NaiveDateTime> {
+    (raw_retention_days > 0).then(|| {
+        let horizon = horizon(now, raw_retention_days);
+        let hour = Level::Hour.bucket(horizon);
+        if hour < horizon {
+            hour + Level::Hour.width()
+        } else {
+            hour
+        }
+    })
 }
 
 fn width(retention_days: Option<u32>) -> Width {
@@ -171,7 +190,8 @@ async fn maintain_mysql(
     days: Option<u32>,
     now: NaiveDateTime,
 ) -> Result<TableReport, DbErr> {
-    if partitions(db, table).await?.is_empty() {
+    let mut layout = partitions(db, table).await?;
+    if layout.is_empty() {
         return delete_expired(db, policy, table, days, now).await;
     }
     // Another broker of the same database (Galera) may change the layout between our read and
@@ -180,7 +200,7 @@ async fn maintain_mysql(
     // most two) changes can make ours fail once.
     let mut attempt = 0;
     loop {
-        match change_partitions(db, table, days, now, policy.ahead).await {
+        match change_partitions(db, table, &layout, days, now, policy.ahead).await {
             Err(e) if attempt < LAYOUT_RACE_RETRIES && !is_unreachable(&e) => {
                 attempt += 1;
                 tracing::debug!(table = table.name, error = %e, attempt, "partition change refused; reading the layout again");
@@ -192,27 +212,30 @@ async fn maintain_mysql(
                     50
                 };
                 tokio::time::sleep(Duration::from_millis(pause.into()) * attempt).await;
+                // Read outside the transaction of `change_partitions`: a read inside it would
+                // hold a metadata lock on the table until the end, and another broker's ALTER
+                // would wait for it.
+                layout = partitions(db, table).await?;
             }
             outcome => return outcome,
         }
     }
 }
 
-/// The ALTERs one table needs: partitions ahead first (so the table is never without one for
-/// the present), then the expired ones dropped. One connection, whose metadata-lock wait is
-/// bounded while it runs them.
+/// The ALTERs one table with `layout` needs: partitions ahead first (so the table is never
+/// without one for the present), then the expired ones dropped. One connection, whose
+/// metadata-lock wait is bounded while it runs them.
 async fn change_partitions(
     db: &DatabaseConnection,
     table: PartitionedTable,
+    layout: &[Partition],
     days: Option<u32>,
     now: NaiveDateTime,
     ahead: TimeDelta,
 ) -> Result<TableReport, DbErr> {
-    // Read outside the transaction below: a read inside it would hold a metadata lock on the
-    // table until the end, and another broker's ALTER would wait for it.
-    let plan = plan(&partitions(db, table).await?, days, now, ahead);
+    let plan = plan(layout, days, now, ahead);
     let report = TableReport {
-        added: plan.added.clone(),
+        added: plan.added(),
         dropped: plan.dropped.clone(),
         deleted_rows: 0,
     };
@@ -256,21 +279,33 @@ async fn change_partitions(
 /// What [`plan`] decided for one table.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Plan {
-    /// `PARTITION … VALUES LESS THAN (…)` clauses to add, in order.
-    pub new_clauses: Vec<String>,
-    pub added: Vec<String>,
+    /// Partitions to add, in order: `(start, bound)`, no start for the first of the table.
+    pub new: Vec<(Option<NaiveDateTime>, NaiveDateTime)>,
     /// The `MAXVALUE` partition the new ones are split from, if the table has one.
     pub future: Option<String>,
     pub dropped: Vec<String>,
 }
 
 impl Plan {
+    /// The names of the partitions to add.
+    pub fn added(&self) -> Vec<String> {
+        self.new
+            .iter()
+            .map(|(start, _)| partition_name(*start))
+            .collect()
+    }
+
     /// The ALTERs, partitions ahead first (so the table is never without one for the
     /// present), then the expired ones dropped; `None` when there is nothing to do.
     fn statements(&self, table: PartitionedTable) -> Option<Vec<String>> {
         let mut statements = Vec::new();
-        if !self.new_clauses.is_empty() {
-            let clauses = self.new_clauses.join(", ");
+        if !self.new.is_empty() {
+            let clauses: Vec<String> = self
+                .new
+                .iter()
+                .map(|(start, bound)| partition_clause(*start, *bound))
+                .collect();
+            let clauses = clauses.join(", ");
             statements.push(match &self.future {
                 // Splitting the empty safety net is instant; it keeps its name and MAXVALUE.
                 Some(future) => format!(
@@ -305,21 +340,14 @@ pub fn plan(layout: &[Partition], days: Option<u32>, now: NaiveDateTime, ahead: 
     let width = width(days);
     let last = layout.iter().filter_map(|p| p.bound).max();
     let target = now + ahead;
-    let mut start = last;
     let mut bound = last.unwrap_or_else(|| now.date().and_time(NaiveTime::MIN));
-    if start.is_none() {
+    if last.is_none() {
         // Only MAXVALUE so far: the first dated partition takes everything before today.
-        plan.new_clauses.push(partition_clause(None, bound));
-        plan.added
-            .push(migration::partitions::START_PARTITION.to_owned());
-        start = Some(bound);
+        plan.new.push((None, bound));
     }
     while bound < target {
         let next = width.next_bound(bound);
-        plan.new_clauses.push(partition_clause(start, next));
-        plan.added
-            .push(migration::partitions::partition_name(bound));
-        start = Some(next);
+        plan.new.push((Some(bound), next));
         bound = next;
     }
     if let Some(days) = days {
@@ -469,7 +497,7 @@ mod tests {
             TimeDelta::days(2),
         );
         // Up to Dec 4 11:00 must be covered: the partitions of Dec 3 and Dec 4.
-        assert_eq!(plan.added, ["p20261203", "p20261204"]);
+        assert_eq!(plan.added(), ["p20261203", "p20261204"]);
         assert_eq!(plan.future.as_deref(), Some("p_future"));
         // p_start ends on Nov 1, before the cutoff (Nov 25 11:00); p20261101 reaches past it.
         assert_eq!(plan.dropped, ["p_start"]);
@@ -502,10 +530,10 @@ mod tests {
     fn no_retention_adds_monthly_partitions_and_drops_nothing() {
         let parts = layout(&[("p_start", Some("2026-12-03 00:00:00")), ("p_future", None)]);
         let plan = plan(&parts, None, at("2026-12-30 00:00:00"), TimeDelta::days(3));
-        assert_eq!(plan.added, ["p20261203", "p20270101"]);
+        assert_eq!(plan.added(), ["p20261203", "p20270101"]);
         assert!(plan.dropped.is_empty());
         let up_to_date = plan_for_covered();
-        assert!(up_to_date.new_clauses.is_empty());
+        assert!(up_to_date.new.is_empty());
     }
 
     fn plan_for_covered() -> Plan {

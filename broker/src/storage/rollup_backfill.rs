@@ -69,10 +69,8 @@ pub async fn step(
     let Some((from, to)) = remaining(db).await? else {
         return Ok(Step::Done);
     };
-    let floor = match raw_retention_days {
-        0 => from,
-        days => from.max(retention::horizon(now, days) + TimeDelta::hours(1)),
-    };
+    let floor = retention::first_rebuildable_hour(now, raw_retention_days)
+        .map_or(from, |first| from.max(first));
     if to <= floor {
         db.execute_unprepared("DELETE FROM rollup_backfill WHERE id = 1")
             .await?;
